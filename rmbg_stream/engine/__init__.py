@@ -1,0 +1,1 @@
+"""The engine: batching, device pipeline, temporal smoothing, compositing."""

@@ -1,0 +1,90 @@
+"""Matting backends: a batch of RGB frames at the backend's resolution in, alpha out.
+
+Contract: ``backend(x)`` takes float (B,3,h,w) in 0..1 on ``backend.device`` and returns float32
+(B,1,h,w) in 0..1. ``resolution`` is the (h, w) the frames must be resized to, or None when the
+backend works at any size (chroma key).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from ..device import pick_dtype
+from ..models import BiRefNet
+
+log = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class BiRefNetBackend:
+    def __init__(self, model: BiRefNet, resolution: tuple[int, int], device: torch.device, dtype: torch.dtype,
+                 name: str = "birefnet"):
+        if resolution[0] % 32 or resolution[1] % 32:
+            raise ValueError(f"model resolution must be a multiple of 32, got {resolution[0]}x{resolution[1]}")
+        torch.set_float32_matmul_precision("high")
+        self.name = name
+        self.resolution = tuple(resolution)
+        self.device = device
+        self.dtype = dtype
+        self.model = model.eval().to(device=device, dtype=dtype)
+        self.mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
+        self.std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+
+    @torch.inference_mode()
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x = ((x - self.mean) / self.std).to(self.dtype)
+        return self.model(x)[-1].float().sigmoid_()
+
+
+class ChromaBackend:
+    """Green/blue-screen keying by distance in the CbCr plane: no network, deterministic."""
+
+    def __init__(self, device: torch.device, key=(0, 177, 64), tolerance: float = 0.12, softness: float = 0.08):
+        self.name = "chroma"
+        self.resolution = None
+        self.device = device
+        self.dtype = torch.float32
+        self.key_cbcr = self._cbcr(torch.tensor(key, dtype=torch.float32, device=device).view(1, 3, 1, 1) / 255)
+        self.tolerance = tolerance
+        self.softness = softness
+
+    @staticmethod
+    def _cbcr(x: torch.Tensor) -> torch.Tensor:
+        r, g, b = x[:, 0:1], x[:, 1:2], x[:, 2:3]
+        return torch.cat([-0.168736 * r - 0.331264 * g + 0.5 * b, 0.5 * r - 0.418688 * g - 0.081312 * b], 1)
+
+    @torch.inference_mode()
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        dist = (self._cbcr(x) - self.key_cbcr).norm(dim=1, keepdim=True)
+        return ((dist - self.tolerance) / self.softness).clamp_(0, 1)
+
+
+def parse_color(text: str) -> tuple[int, int, int]:
+    from PIL import ImageColor
+
+    try:
+        return ImageColor.getrgb(text)[:3]
+    except ValueError:
+        raise ValueError(f"not a colour: {text!r} (use #rrggbb or a name such as green)") from None
+
+
+def create_backend(name: str, device: torch.device, precision: str = "auto",
+                   resolution: tuple[int, int] | None = None):
+    """`name`: ``chroma`` or ``chroma:<colour>``; ``random:<backbone>`` (untrained, for benchmarks and
+    tests); otherwise a BiRefNet checkpoint: hub id, alias, snapshot folder or weights file."""
+    if name == "chroma" or name.startswith("chroma:"):
+        key = parse_color(name.split(":", 1)[1]) if ":" in name else (0, 177, 64)
+        return ChromaBackend(device, key)
+    dtype = pick_dtype(precision, device)
+    if name.startswith("random:"):
+        backbone = name.split(":", 1)[1]
+        log.warning("random weights for %s: output masks are meaningless (benchmarks and tests only)", backbone)
+        return BiRefNetBackend(BiRefNet(backbone), resolution or (1024, 1024), device, dtype, name)
+    from ..models.weights import load_birefnet
+
+    model, info = load_birefnet(name)
+    return BiRefNetBackend(model, resolution or info.resolution, device, dtype, name)

@@ -1,0 +1,264 @@
+"""After the network, on the device: edge-aware alpha upsampling, foreground colours, background modes.
+
+Frames are float (B,3,H,W) in 0..1, alphas (B,1,H,W). For clean edges pass ``decontaminate(frame, alpha)`` as the
+foreground. Video backgrounds need nothing special: the caller decodes the current background frame, runs it
+through ``prepare_background`` (or uploads it and calls ``fit_background``) and passes it to ``composite_image``;
+file and video I/O stay out of this module.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .smoothing import grey
+
+
+def box_blur(x: torch.Tensor, r: int) -> torch.Tensor:
+    """Mean over a (2r+1)^2 window, normalised by the pixels inside the image at the borders."""
+    if r <= 0:
+        return x
+    # Separable passes keep the cost linear in r; summing each window directly (no running cumsum) keeps float32
+    # exact enough for the variance differences of the guided filter.
+    x = F.avg_pool2d(x, (1, 2 * r + 1), 1, (0, r), count_include_pad=False)
+    return F.avg_pool2d(x, (2 * r + 1, 1), 1, (r, 0), count_include_pad=False)
+
+
+def _resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+
+
+def _wide_blur(x: torch.Tensor, r: int) -> torch.Tensor:
+    """Box blur for large radii on a downscaled copy: the result is smooth, so little is lost and much is saved."""
+    f = max(1, r // 8)
+    if f == 1:
+        return box_blur(x, r)
+    h, w = x.shape[-2:]
+    small = F.interpolate(x, size=(math.ceil(h / f), math.ceil(w / f)), mode="area")
+    return _resize(box_blur(small, round(r / f)), (h, w))
+
+
+def guided_upsample(alpha_lr: torch.Tensor, guide_hr: torch.Tensor, radius: int = 2, eps: float = 1e-3) -> torch.Tensor:
+    """Fast guided filter (He & Sun 2015): alpha (B,1,h,w) -> (B,1,H,W) following the edges of guide (B,3|1,H,W).
+
+    The linear model alpha ~ A*I + b is fitted in (2*radius+1)^2 windows at low resolution against the
+    downsampled grey guide; A and b are smooth, so they upsample bilinearly without loss and the full-resolution
+    guide puts the sharp edges back. ``eps`` limits A where the guide is flat (larger = smoother, less texture).
+    """
+    dtype = alpha_lr.dtype
+    p = alpha_lr.float()
+    i_hr = grey(guide_hr.float())
+    size_lr, size_hr = tuple(p.shape[-2:]), tuple(i_hr.shape[-2:])
+    i = i_hr if size_lr == size_hr else F.interpolate(i_hr, size=size_lr, mode="area")
+    mean_i, mean_p = box_blur(i, radius), box_blur(p, radius)
+    cov_ip = box_blur(i * p, radius) - mean_i * mean_p
+    var_i = box_blur(i * i, radius) - mean_i * mean_i
+    a = cov_ip / (var_i + eps)
+    b = mean_p - a * mean_i
+    a, b = _resize(box_blur(a, radius), size_hr), _resize(box_blur(b, radius), size_hr)
+    return (a * i_hr + b).clamp(0, 1).to(dtype)
+
+
+def decontaminate(frame: torch.Tensor, alpha: torch.Tensor, radius: int | None = None) -> torch.Tensor:
+    """Foreground colour estimate (B,3,H,W) so soft edges lose the old background's colour.
+
+    Blur-fusion estimator (Forte & Pitie, "Approximate Fast Foreground Colour Estimation", ICIP 2021), two passes:
+    with local means F_b, B_b of foreground and background, F = F_b + alpha * (I - alpha*F_b - (1-alpha)*B_b).
+    The first pass uses a wide ``radius`` (default 5% of the long side, at least 8; ~90 px at 1080p as in the paper)
+    to reach past the soft band, the second a narrow one (radius/15) to recover local detail. Where alpha is 1 the
+    result is the frame itself; where it is 0 the colour is meaningless (composites weight it by 0).
+    """
+    dtype = frame.dtype
+    img, a = frame.float(), alpha.float()
+    r1 = radius if radius is not None else max(8, round(0.05 * max(img.shape[-2:])))
+    r2 = max(1, r1 // 15)
+    fg, bg = img, img
+    for r, blur in ((r1, _wide_blur), (r2, box_blur)):
+        # One blur call for all seven channels; weights are blurred alongside so the means are alpha-weighted.
+        s = blur(torch.cat([fg * a, bg * (1 - a), a], 1), r)
+        fa, ba, ma = s[:, 0:3], s[:, 3:6], s[:, 6:7]
+        fg_mean = fa / (ma + 1e-5)
+        bg = ba / (1 - ma + 1e-5)
+        fg = (fg_mean + a * (img - a * fg_mean - (1 - a) * bg)).clamp(0, 1)
+    return fg.to(dtype)
+
+
+def _check(frame: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """Validates shapes; returns alpha in the frame's dtype (lerp wants one dtype, the network may give another)."""
+    if frame.dim() != 4 or alpha.dim() != 4 or alpha.shape[1] != 1 or frame.shape[-2:] != alpha.shape[-2:]:
+        raise ValueError(
+            f"expected frame (B,3,H,W) and alpha (B,1,H,W), got {tuple(frame.shape)}, {tuple(alpha.shape)}"
+        )
+    return alpha.to(frame.dtype)
+
+
+def composite_color(frame: torch.Tensor, alpha: torch.Tensor, rgb: Sequence[float]) -> torch.Tensor:
+    """Foreground over a solid colour given as three 0..255 values (as ``Background.color``)."""
+    alpha = _check(frame, alpha)
+    # Filled per channel from Python scalars: a tensor built from the list would be a blocking host->device copy.
+    bg = torch.cat([frame.new_full((1, 1, 1, 1), c / 255.0) for c in rgb], 1)
+    return torch.lerp(bg, frame, alpha)
+
+
+def composite_image(frame: torch.Tensor, alpha: torch.Tensor, bg: torch.Tensor) -> torch.Tensor:
+    """Foreground over a background (1|B,3,H,W) 0..1 at frame size, e.g. from ``prepare_background``."""
+    alpha = _check(frame, alpha)
+    if bg.shape[-2:] != frame.shape[-2:]:
+        raise ValueError(f"background {tuple(bg.shape)} does not match frame {tuple(frame.shape)}")
+    return torch.lerp(bg.to(frame.dtype), frame, alpha)
+
+
+def _gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    k = max(1, math.ceil(3 * sigma))
+    t = torch.arange(-k, k + 1, device=x.device, dtype=x.dtype)
+    g = torch.exp(-0.5 * (t / sigma) ** 2)
+    g = g / g.sum()
+    c = x.shape[1]
+    x = F.conv2d(F.pad(x, (k, k, 0, 0), mode="replicate"), g.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
+    return F.conv2d(F.pad(x, (0, 0, k, k), mode="replicate"), g.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
+
+
+def composite_blur(
+    frame: torch.Tensor, alpha: torch.Tensor, strength: float = 0.5, fg: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Foreground over its own background blurred; strength 0..1 maps to sigma up to 4% of the short side.
+
+    The background is blurred premultiplied, blur(frame*(1-alpha)) / blur(1-alpha), so the person's colours do not
+    bleed into the blurred background as a halo. ``fg`` (e.g. decontaminated colours) replaces the frame as the
+    foreground; the background always comes from ``frame``.
+    """
+    alpha = _check(frame, alpha)
+    fg = frame if fg is None else fg.to(frame.dtype)
+    sigma = 0.04 * min(frame.shape[-2:]) * min(max(float(strength), 0.0), 1.0)
+    if sigma < 0.3:
+        return fg * alpha + frame * (1 - alpha)
+    h, w = frame.shape[-2:]
+    # Blur on a copy downscaled so that sigma is 2-4 pixels there: the kernel stays short at any strength.
+    f = max(1, int(sigma // 2))
+    x = torch.cat([frame * (1 - alpha), 1 - alpha], 1)
+    if f > 1:
+        x = F.interpolate(x, size=(math.ceil(h / f), math.ceil(w / f)), mode="area")
+    x = _resize(_gaussian_blur(x, sigma / f), (h, w))
+    # A weighted mean of background pixels, so it stays in 0..1; where no background is near (deep inside the
+    # person, alpha ~ 1) the value is hidden by the foreground anyway.
+    bg = x[:, :3] / x[:, 3:].clamp_min(1e-4)
+    return torch.lerp(bg.clamp(0, 1), fg, alpha)
+
+
+def to_rgba(frame: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """(B,4,H,W) with straight (not premultiplied) colour, as PNG/WebM/OBS expect."""
+    alpha = _check(frame, alpha)
+    return torch.cat([frame, alpha], 1)
+
+
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """Float 0..1 (B,C,H,W) -> uint8, rounded, layout kept."""
+    return x.clamp(0, 1).mul(255).round().to(torch.uint8)
+
+
+def fit_background(bg: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Cover fit of a float (1|B,3,h,w) background already on the device to (1|B,3,height,width).
+
+    Scaled uniformly until it covers the frame, then centre-cropped, so it is never distorted.
+    """
+    h, w = bg.shape[-2:]
+    scale = max(height / h, width / w)
+    nh, nw = max(height, round(h * scale)), max(width, round(w * scale))
+    if (nh, nw) != (h, w):
+        bg = F.interpolate(bg, size=(nh, nw), mode="bilinear", align_corners=False, antialias=scale < 1)
+    top, left = (nh - height) // 2, (nw - width) // 2
+    return bg[..., top : top + height, left : left + width].contiguous()
+
+
+def prepare_background(image, height: int, width: int, device=None) -> torch.Tensor:
+    """uint8 HxWx3 RGB image (numpy or torch; grey HxW and RGBA accepted) -> float (1,3,height,width) on `device`.
+
+    Cover fit as ``fit_background``. One host->device copy per call: call it once per background image, or per
+    decoded background-video frame (or upload the frame yourself and call ``fit_background``).
+    """
+    x = torch.from_numpy(np.ascontiguousarray(image)) if isinstance(image, np.ndarray) else torch.as_tensor(image)
+    if x.dim() == 2:
+        x = x[..., None].expand(-1, -1, 3)
+    x = x[..., :3].to(device).permute(2, 0, 1)[None].float().div_(255)
+    return fit_background(x, height, width)
+
+
+# --- CLI background strings -----------------------------------------------------------------------------------
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+VIDEO_EXTS = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v", ".gif")
+# Green is the chroma-key green (0,255,0), not CSS's dark (0,128,0): that is what people key on.
+COLOR_NAMES = {
+    "white": (255, 255, 255),
+    "black": (0, 0, 0),
+    "green": (0, 255, 0),
+    "blue": (0, 0, 255),
+    "red": (255, 0, 0),
+    "gray": (128, 128, 128),
+    "grey": (128, 128, 128),
+}
+DEFAULT_BLUR = 0.5
+_FORMS = (
+    "expected #rrggbb, #rgb, a colour name (white, black, green, blue, red, gray, or a CSS name), "
+    f"blur, blur:<0..1>, transparent, none, or an image ({' '.join(IMAGE_EXTS)}) or video ({' '.join(VIDEO_EXTS)}) path"
+)
+
+
+@dataclass(frozen=True)
+class Background:
+    """What goes behind the foreground. kind: none | color | blur | transparent | image | video."""
+
+    kind: str
+    color: tuple[int, int, int] | None = None  # color: RGB 0..255
+    strength: float | None = None  # blur: 0..1
+    path: str | None = None  # image / video: not opened here
+
+
+def _hex(text: str) -> tuple[int, int, int]:
+    digits = text[1:]
+    if len(digits) == 3:
+        digits = "".join(c * 2 for c in digits)
+    if len(digits) != 6:
+        raise ValueError
+    return tuple(int(digits[i : i + 2], 16) for i in (0, 2, 4))
+
+
+def _parse(text: str) -> Background:
+    low = text.lower()
+    if low == "none":
+        return Background("none")
+    if low == "transparent":
+        return Background("transparent")
+    if low == "blur" or low.startswith("blur:"):
+        s = float(low[5:]) if low != "blur" else DEFAULT_BLUR
+        if not 0.0 <= s <= 1.0:
+            raise ValueError
+        return Background("blur", strength=s)
+    if low.startswith("#"):
+        return Background("color", color=_hex(low))
+    ext = os.path.splitext(low)[1]
+    if ext in IMAGE_EXTS:
+        return Background("image", path=text)
+    if ext in VIDEO_EXTS:
+        return Background("video", path=text)
+    if low in COLOR_NAMES:
+        return Background("color", color=COLOR_NAMES[low])
+    from PIL import ImageColor  # CSS names beyond the table; raises ValueError for unknown ones
+
+    return Background("color", color=tuple(ImageColor.getrgb(low)[:3]))
+
+
+def parse_background(text: str) -> Background:
+    """Parse a --background value; ValueError with a one-line list of the accepted forms otherwise."""
+    try:
+        return _parse(text.strip())
+    except ValueError:
+        raise ValueError(f"invalid background {text!r}: {_FORMS}") from None

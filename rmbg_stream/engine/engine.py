@@ -1,0 +1,404 @@
+"""The engine: one per process, owns the backend and the device, serves many streams.
+
+A stream is one video source. Live streams are latest-frame-wins (frames that wait while newer
+ones arrive are dropped and counted); file streams are lossless and in order, with back-pressure
+on `submit` instead of drops. One worker thread gathers frames from all streams into batches,
+runs preprocess -> network -> temporal smoothing -> upsampling -> composite on the device, and
+hands results back; on CUDA a second thread waits for the downloads so the worker never blocks
+on the GPU.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import composite
+from .preprocess import resize
+from .smoothing import TemporalSmoother
+from .transfer import Downloader, Uploader
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StreamOptions:
+    background: composite.Background = field(default_factory=lambda: composite.parse_background("transparent"))
+    smoothing: float = 0.5
+    image: bool = True  # return the composited frame
+    alpha: bool = False  # return the alpha (H x W uint8)
+    mask_view: bool = False  # the returned image shows the mask instead
+    decontaminate: bool = False  # re-estimate edge colours so the old background does not bleed
+
+
+@dataclass
+class Result:
+    index: int
+    pts: Any
+    meta: Any
+    image: np.ndarray | None  # H x W x 3 (RGB) or H x W x 4 (RGBA), uint8
+    alpha: np.ndarray | None  # H x W, uint8
+    submitted: float
+    done: float
+
+    @property
+    def latency(self) -> float:
+        return self.done - self.submitted
+
+
+@dataclass
+class _Item:
+    index: int
+    frame: np.ndarray
+    pts: Any
+    meta: Any
+    submitted: float
+    background: np.ndarray | None = None  # this frame's video-background frame, if any
+    background_dev: torch.Tensor | None = None
+
+
+def as_rgb(frame) -> np.ndarray:
+    """uint8 H x W x 3 RGB from a numpy array (RGB or RGBA) or an av.VideoFrame."""
+    if hasattr(frame, "to_ndarray"):
+        return frame.to_ndarray(format="rgb24")
+    a = np.asarray(frame)
+    if a.dtype != np.uint8 or a.ndim != 3 or a.shape[2] not in (3, 4):
+        raise ValueError(f"expected a uint8 H x W x 3 RGB frame, got {a.dtype} {a.shape}")
+    return a[:, :, :3]
+
+
+_END = object()
+
+
+class Stream:
+    def __init__(self, engine: Engine, live: bool, max_in_flight: int, options: StreamOptions,
+                 on_result: Callable[[Result], None] | None, background_source=None):
+        self.engine = engine
+        self.live = live
+        self.max_in_flight = max(1, max_in_flight)
+        self.options = options
+        self.background_source = background_source  # .read(): next H x W x 3 uint8 frame of a video background
+        self.on_result = on_result
+        self.results: queue.Queue = queue.Queue()
+        self.pending: deque[_Item] = deque()
+        self.processing = 0
+        self.waiting = 0  # file streams: submitted and not yet taken by the consumer
+        self.smoother = TemporalSmoother()
+        self.submitted = self.dropped = self.delivered = 0
+        self.closed = self.ended = False
+        self.error: BaseException | None = None
+        self._bg_cache: tuple[Any, torch.Tensor] | None = None
+
+    # -- producer side
+    def submit(self, frame, pts=None, meta=None, timeout: float | None = None) -> bool:
+        """Queue a frame. Live: never blocks, drops the oldest waiting frame. File: blocks while
+        `max_in_flight` frames are waiting for the consumer; returns False on timeout."""
+        item = _Item(0, as_rgb(frame), pts, meta, time.monotonic())
+        if self.background_source is not None:
+            item.background = self.background_source.read()
+        with self.engine.cond:
+            if self.closed or self.ended:
+                raise RuntimeError("stream is closed")
+            if not self.live and not self.engine.cond.wait_for(
+                    lambda: self.waiting < self.max_in_flight or self.closed, timeout):
+                return False
+            item.index = self.submitted
+            self.submitted += 1
+            if self.live:
+                while len(self.pending) >= self.max_in_flight:
+                    self.pending.popleft()
+                    self.dropped += 1
+            else:
+                self.waiting += 1
+            self.pending.append(item)
+            self.engine.cond.notify_all()
+        return True
+
+    def end(self) -> None:
+        """No more frames: `get` returns None once every submitted frame has come back."""
+        with self.engine.cond:
+            self.ended = True
+            if not self.pending and not self.processing:
+                self.results.put(_END)
+            self.engine.cond.notify_all()
+
+    def set_options(self, **changes) -> None:
+        with self.engine.cond:
+            self.options = replace(self.options, **changes)
+            self._bg_cache = None
+
+    # -- consumer side
+    def get(self, timeout: float | None = None) -> Result | None:
+        """The next result in order; None after `end()` once all are out. Raises the engine's error."""
+        try:
+            r = self.results.get(timeout=timeout)
+        except queue.Empty:
+            raise TimeoutError("no result within the timeout") from None
+        if r is _END:
+            self.results.put(_END)
+            return None
+        if isinstance(r, BaseException):
+            raise RuntimeError(f"engine failed on this stream: {r}") from r
+        if not self.live:
+            with self.engine.cond:
+                self.waiting -= 1
+                self.engine.cond.notify_all()
+        return r
+
+    def close(self) -> None:
+        self.engine._detach(self)
+
+    def stats(self) -> dict:
+        return {"submitted": self.submitted, "dropped": self.dropped, "delivered": self.delivered,
+                "pending": len(self.pending), "processing": self.processing}
+
+    # -- engine side (worker thread)
+    def _deliver(self, result: Result | BaseException) -> None:
+        with self.engine.cond:
+            self.processing -= 1
+            if isinstance(result, Result):
+                self.delivered += 1
+            finished = self.ended and not self.pending and not self.processing
+            if self.closed:
+                return
+        if self.on_result is not None and isinstance(result, Result):
+            self.on_result(result)
+            if not self.live:
+                with self.engine.cond:
+                    self.waiting -= 1
+                    self.engine.cond.notify_all()
+        else:
+            if self.live:
+                # A slow consumer must not make live results pile up: keep only the newest few.
+                while self.results.qsize() >= self.max_in_flight:
+                    try:
+                        self.results.get_nowait()
+                        self.dropped += 1
+                    except queue.Empty:
+                        break
+            self.results.put(result)
+        if finished:
+            self.results.put(_END)
+
+    def _background(self, frame: torch.Tensor, item: _Item) -> torch.Tensor | None:
+        bg = self.options.background
+        H, W = frame.shape[-2:]
+        if bg.kind == "video" and item.background is not None:
+            return composite.fit_background(item.background_dev, H, W)
+        if bg.kind == "image":
+            key = (bg.path, H, W)
+            if self._bg_cache is None or self._bg_cache[0] != key:
+                from PIL import Image
+
+                img = np.array(Image.open(bg.path).convert("RGB"))
+                self._bg_cache = (key, composite.prepare_background(img, H, W, frame.device))
+            return self._bg_cache[1]
+        return None
+
+    def _render(self, frame: torch.Tensor, alpha: torch.Tensor, item: _Item) -> dict[str, torch.Tensor]:
+        o = self.options
+        out = {}
+        if o.image:
+            if o.mask_view:
+                img = alpha.expand(-1, 3, -1, -1)
+            else:
+                fg = composite.decontaminate(frame, alpha) if o.decontaminate else frame
+                kind = o.background.kind
+                if kind == "color":
+                    img = composite.composite_color(fg, alpha, o.background.color)
+                elif kind in ("image", "video"):
+                    bg = self._background(frame, item)
+                    img = fg if bg is None else composite.composite_image(fg, alpha, bg)
+                elif kind == "blur":
+                    img = composite.composite_blur(frame, alpha, o.background.strength)
+                elif kind == "transparent":
+                    img = composite.to_rgba(fg, alpha)
+                else:  # "none": the original frame
+                    img = frame
+            out["image"] = composite.to_uint8(img)[0].permute(1, 2, 0).contiguous()
+        if o.alpha:
+            out["alpha"] = composite.to_uint8(alpha)[0, 0]
+        return out
+
+
+class Engine:
+    def __init__(self, backend, *, max_batch: int = 4, max_wait_ms: float = 4.0, guided_radius: int = 2,
+                 guided_eps: float = 1e-4):
+        self.backend = backend
+        self.device = backend.device
+        self.max_batch = max(1, max_batch)
+        self.max_wait = max_wait_ms / 1000
+        self.guided_radius = guided_radius
+        self.guided_eps = guided_eps
+        self.cond = threading.Condition()
+        self.streams: list[Stream] = []
+        self.closed = False
+        self.batches = self.frames = 0
+        self.last_batch_size = 0
+        self.uploader = Uploader(self.device)
+        self.downloader = Downloader(self.device)
+        self.cuda = self.device.type == "cuda"
+        self.compute_stream = torch.cuda.Stream(self.device) if self.cuda else None
+        self._rr = 0
+        self._downloads: queue.Queue = queue.Queue(maxsize=2)
+        self._worker = threading.Thread(target=self._run, name="rmbg-engine", daemon=True)
+        self._worker.start()
+        if self.cuda:
+            self._finisher = threading.Thread(target=self._finish_loop, name="rmbg-engine-dl", daemon=True)
+            self._finisher.start()
+
+    def open_stream(self, *, live: bool, options: StreamOptions | None = None, max_in_flight: int | None = None,
+                    on_result: Callable[[Result], None] | None = None, background_source=None) -> Stream:
+        n = max_in_flight or (2 if live else 2 * self.max_batch)
+        s = Stream(self, live, n, options or StreamOptions(), on_result, background_source)
+        with self.cond:
+            if self.closed:
+                raise RuntimeError("engine is closed")
+            self.streams.append(s)
+        return s
+
+    def _detach(self, s: Stream) -> None:
+        with self.cond:
+            s.closed = True
+            s.pending.clear()
+            if s in self.streams:
+                self.streams.remove(s)
+            self.cond.notify_all()
+
+    def close(self) -> None:
+        with self.cond:
+            self.closed = True
+            for s in self.streams:
+                s.closed = True
+            self.cond.notify_all()
+        self._worker.join()
+        if self.cuda:
+            self._downloads.put(None)
+            self._finisher.join()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def stats(self) -> dict:
+        with self.cond:
+            return {"streams": len(self.streams), "batches": self.batches, "frames": self.frames,
+                    "last_batch_size": self.last_batch_size,
+                    "dropped": sum(s.dropped for s in self.streams)}
+
+    # -- worker
+    def _ready(self, s: Stream) -> bool:
+        return bool(s.pending) and (not s.live or s.processing < s.max_in_flight)
+
+    def _collect(self) -> list[tuple[Stream, _Item]] | None:
+        with self.cond:
+            self.cond.wait_for(lambda: self.closed or any(self._ready(s) for s in self.streams))
+            if self.closed:
+                return None
+            # Wait a little for a fuller batch, unless every stream already has a frame waiting.
+            deadline = time.monotonic() + self.max_wait
+            while True:
+                ready = [s for s in self.streams if self._ready(s)]
+                count = sum(len(s.pending) if not s.live else 1 for s in ready)
+                left = deadline - time.monotonic()
+                if count >= self.max_batch or len(ready) == len(self.streams) or left <= 0 or self.closed:
+                    break
+                self.cond.wait(left)
+            batch: list[tuple[Stream, _Item]] = []
+            streams = self.streams[self._rr:] + self.streams[:self._rr]
+            self._rr = (self._rr + 1) % max(1, len(self.streams))
+            progress = True
+            while progress and len(batch) < self.max_batch:
+                progress = False
+                for s in streams:
+                    if len(batch) == self.max_batch or not self._ready(s):
+                        continue
+                    if s.live:
+                        item = s.pending.pop()
+                        s.dropped += len(s.pending)
+                        s.pending.clear()
+                    else:
+                        item = s.pending.popleft()
+                    s.processing += 1
+                    batch.append((s, item))
+                    progress = True
+            self.cond.notify_all()  # producers blocked on back-pressure may go on
+            return batch
+
+    def _run(self) -> None:
+        while True:
+            batch = self._collect()
+            if batch is None:
+                return
+            if not batch:
+                continue
+            try:
+                if self.cuda:
+                    with torch.cuda.stream(self.compute_stream):
+                        self._process(batch)
+                else:
+                    self._process(batch)
+            except Exception as exc:  # a failing batch must not take the engine (and every session) down
+                log.exception("engine batch failed")
+                for s, _ in batch:
+                    s._deliver(exc)
+
+    @torch.inference_mode()
+    def _process(self, batch: list[tuple[Stream, _Item]]) -> None:
+        arrays = [item.frame for _, item in batch]
+        extra = [item.background for _, item in batch if item.background is not None]
+        dev = self.uploader.upload(arrays + extra)
+        frames = [d.permute(2, 0, 1).unsqueeze(0).float().div_(255) for d in dev[:len(arrays)]]
+        bgs = iter(dev[len(arrays):])
+        for _, item in batch:
+            if item.background is not None:
+                item.background_dev = next(bgs).permute(2, 0, 1).unsqueeze(0).float().div_(255)
+        size = self.backend.resolution
+        if size is not None:
+            small = torch.cat([resize(f, size) for f in frames])
+            alphas = list(self.backend(small).split(1))
+            smalls = list(small.split(1))
+        else:
+            alphas = [self.backend(f) for f in frames]
+            smalls = frames
+        outputs = []
+        for (s, item), frame, a, sm in zip(batch, frames, alphas, smalls):
+            a = s.smoother(a, sm, s.options.smoothing)
+            if a.shape[-2:] != frame.shape[-2:]:
+                a = composite.guided_upsample(a, frame, self.guided_radius, self.guided_eps)
+            outputs.append(s._render(frame, a, item))
+        self.uploader.release()
+        flat = [t for out in outputs for t in out.values()]
+        event, hosts = self.downloader.download(flat)
+        with self.cond:
+            self.batches += 1
+            self.frames += len(batch)
+            self.last_batch_size = len(batch)
+        if event is None:
+            self._finish(batch, outputs, hosts)
+        else:
+            self._downloads.put((event, batch, outputs, hosts))
+
+    def _finish(self, batch, outputs, hosts) -> None:
+        hosts = iter(hosts)
+        now = time.monotonic()
+        for (s, item), out in zip(batch, outputs):
+            got = {k: next(hosts).numpy() for k in out}
+            s._deliver(Result(item.index, item.pts, item.meta, got.get("image"), got.get("alpha"), item.submitted, now))
+
+    def _finish_loop(self) -> None:
+        while (job := self._downloads.get()) is not None:
+            event, batch, outputs, hosts = job
+            event.synchronize()
+            self._finish(batch, outputs, hosts)

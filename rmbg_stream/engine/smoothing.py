@@ -1,0 +1,152 @@
+"""Motion-adaptive temporal smoothing of alpha mattes, and the dtSSD flicker metric.
+
+The network sees every frame on its own, so soft edges flicker even when nothing moves. Each pixel keeps an
+exponential moving average whose weight opens up wherever the image moved (or the alpha changed coherently over
+an area), so a still scene is steady while moving edges are followed in the same frame.
+
+Batched state, for ``smooth_batch``: ``prev_alphas`` (B,1,h,w) is each stream's previous *smoothed* alpha and
+``prev_frames`` (B,1,h,w) its previous grey frame (colour (B,3,h,w) is accepted too). A stream without history
+(first frame, new resolution) is a row of NaN in ``prev_alphas`` (``no_history`` makes one); ``None`` means no
+stream has history. After each batch the caller keeps ``alphas_out`` and ``grey(frames)`` as the new state.
+Everything stays on the device: no host syncs in the per-frame path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+# Side of the thumbnail the scene-cut test compares; coarse so that ordinary motion barely changes it.
+_THUMB = 32
+
+
+def grey(frames: torch.Tensor) -> torch.Tensor:
+    """(B,3,h,w) RGB -> (B,1,h,w) luma (BT.601); 1-channel input passes through."""
+    if frames.shape[1] == 1:
+        return frames
+    # Python scalars rather than a weight tensor: building one from a list would be a blocking host->device copy.
+    return frames[:, 0:1] * 0.299 + frames[:, 1:2] * 0.587 + frames[:, 2:3] * 0.114
+
+
+def no_history(n: int, h: int, w: int, device=None, dtype=torch.float32) -> torch.Tensor:
+    """Placeholder rows for ``prev_alphas`` / ``prev_frames`` of streams that have no previous frame."""
+    return torch.full((n, 1, h, w), float("nan"), device=device, dtype=dtype)
+
+
+def _smoothstep(x: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
+    t = ((x - lo) / (hi - lo)).clamp(0, 1)
+    return t * t * (3 - 2 * t)
+
+
+def _box(x: torch.Tensor, r: int) -> torch.Tensor:
+    return F.avg_pool2d(x, 2 * r + 1, 1, r, count_include_pad=False) if r > 0 else x
+
+
+def smooth_batch(
+    alphas: torch.Tensor,
+    frames: torch.Tensor,
+    prev_alphas: torch.Tensor | None,
+    prev_frames: torch.Tensor | None,
+    strengths: float | Sequence[float] | torch.Tensor,
+    *,
+    radius: int = 2,
+    motion_low: float = 0.03,
+    motion_high: float = 0.08,
+    change_low: float = 0.15,
+    change_high: float = 0.35,
+    cut_threshold: float = 0.12,
+    max_keep: float = 0.9,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Smooth one batch of alphas (B,1,h,w) given frames (B,3,h,w) 0..1 at the same size and per-stream history.
+
+    ``strengths``: 0..1 per row (float, sequence or (B,) tensor); 0 returns the raw alpha. At a still pixel the
+    new alpha gets weight ``1 - max_keep * strength``; motion in the image (blurred |frame - prev_frame| between
+    ``motion_low`` and ``motion_high``) or a coherent alpha change (|blurred alpha - prev| between ``change_low``
+    and ``change_high``) raises the weight to 1. A row whose thumbnail mean abs difference exceeds
+    ``cut_threshold`` is a scene cut and is passed through raw, like a row without history.
+
+    Returns ``(alphas_out, scene_cut)``: scene_cut is a (B,) bool tensor, True where a cut was detected
+    (rows without history are False).
+    """
+    b = alphas.shape[0]
+    if prev_alphas is None or prev_frames is None:
+        return alphas, torch.zeros(b, dtype=torch.bool, device=alphas.device)
+    if isinstance(strengths, (int, float)):
+        keep = max_keep * min(max(float(strengths), 0.0), 1.0)
+    else:
+        # non_blocking: a fresh host tensor is staged at once, so this does not wait for the device.
+        s = torch.as_tensor(strengths, dtype=alphas.dtype).to(alphas.device, non_blocking=True)
+        keep = max_keep * s.clamp(0, 1).reshape(b, 1, 1, 1)
+
+    has_prev = ~prev_alphas.flatten(1).isnan().any(1)
+    hp = has_prev.view(b, 1, 1, 1)
+    g = grey(frames)
+    # Substitute the current frame for missing history so NaNs never reach the arithmetic.
+    pa = torch.where(hp, prev_alphas, alphas)
+    pg = torch.where(hp, grey(prev_frames), g)
+
+    thumb_diff = (F.adaptive_avg_pool2d(g, _THUMB) - F.adaptive_avg_pool2d(pg, _THUMB)).abs().mean((1, 2, 3))
+    cut = has_prev & (thumb_diff > cut_threshold)
+
+    # Blur averages sensor noise down to its mean before the threshold; the dilation then covers the soft alpha
+    # band around a moving edge, which extends past the pixels whose colour changed.
+    motion = F.max_pool2d(_box((g - pg).abs(), radius), 4 * radius + 1, 1, 2 * radius)
+    # Signed blur: jitter and isolated flips average out, an edge that really moved (even with no colour
+    # contrast to see it in the image) does not.
+    change = _box(alphas - pa, radius).abs()
+    gate = torch.maximum(_smoothstep(motion, motion_low, motion_high), _smoothstep(change, change_low, change_high))
+    weight = (1 - keep * (1 - gate)).to(alphas.dtype)
+    out = torch.lerp(pa, alphas, weight)  # exact at weight 1, so strength 0 returns the raw alpha
+    out = torch.where(hp & ~cut.view(b, 1, 1, 1), out, alphas)
+    return out, cut
+
+
+class TemporalSmoother:
+    """Per-stream state for ``smooth_batch``: previous smoothed alpha and previous grey frame.
+
+    ``scene_cut`` is a (1,) bool tensor from the last call (kept on the device; read it only when needed).
+    """
+
+    def __init__(self, **params):
+        self.params = params  # keyword arguments of smooth_batch
+        self.reset()
+
+    def reset(self) -> None:
+        self.prev_alpha: torch.Tensor | None = None
+        self.prev_grey: torch.Tensor | None = None
+        self.scene_cut: torch.Tensor | None = None
+
+    def __call__(self, alpha: torch.Tensor, frame_small: torch.Tensor, strength: float) -> torch.Tensor:
+        """alpha (1,1,h,w), frame_small (1,3,h,w) 0..1 at the same size; strength 0..1, 0 = off."""
+        prev_a, prev_g = self.prev_alpha, self.prev_grey
+        if prev_a is not None and prev_a.shape != alpha.shape:
+            prev_a = prev_g = None
+        out, self.scene_cut = smooth_batch(alpha, frame_small, prev_a, prev_g, strength, **self.params)
+        # Stored even when off, so turning smoothing on later starts from the current frame.
+        self.prev_alpha, self.prev_grey = out, grey(frame_small)
+        return out
+
+
+def _as_seq(x) -> torch.Tensor:
+    if isinstance(x, (list, tuple)):
+        x = torch.stack([torch.as_tensor(np.asarray(f)) if not torch.is_tensor(f) else f for f in x])
+    return torch.as_tensor(x).double().flatten(1)
+
+
+def dtssd(pred_seq, true_seq) -> float:
+    """Mean dtSSD over a sequence, as Robust Video Matting reports it (alpha in 0..1, result x1e2).
+
+    Frame t >= 1 scores sqrt(sum(((p_t - p_{t-1}) - (g_t - g_{t-1}))^2) / N) * 100 with N pixels per frame;
+    frame 0 scores 0 and is included in the mean. Sequences: (T,H,W), (T,1,H,W), numpy, torch or lists of frames.
+    """
+    p = _as_seq(pred_seq)
+    g = _as_seq(true_seq).to(p.device)
+    if p.shape != g.shape:
+        raise ValueError(f"dtssd: shapes differ, {tuple(p.shape)} vs {tuple(g.shape)}")
+    if p.shape[0] < 2:
+        return 0.0
+    d = (p[1:] - p[:-1]) - (g[1:] - g[:-1])
+    return float((d.pow(2).mean(1).sqrt() * 1e2).sum() / p.shape[0])

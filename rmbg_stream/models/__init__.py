@@ -1,0 +1,3 @@
+from .birefnet import BACKBONES, BiRefNet
+
+__all__ = ["BACKBONES", "BiRefNet"]

@@ -1,0 +1,328 @@
+"""Load BiRefNet / RMBG-2.0 weights from the hub, a snapshot folder or a single checkpoint file.
+
+Every failure is a WeightsError whose message is one line: what is wrong and what to do. A model
+is returned only when every parameter came from the checkpoint; nothing is left at its random init.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .birefnet import BACKBONES, BiRefNet
+from .registry import ALIASES, ModelSpec, lookup
+from .swin import SWIN_CONFIGS
+
+HUB_FILES = ("model.safetensors", "pytorch_model.bin")
+SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
+DEFAULT_RESOLUTION = (1024, 1024)
+# Buffers the network computes itself; some exporters drop them and they carry nothing learned.
+DERIVED = ("relative_position_index", "num_batches_tracked")
+# Training scripts save {"state_dict": ...} or {"model": ...}; DataParallel and torch.compile prefix keys.
+WRAPPERS = ("state_dict", "model", "model_state_dict")
+PREFIXES = ("module.", "_orig_mod.")
+PATCH_KEY = "bb.patch_embed.proj.weight"
+STAGE3_BLOCK = re.compile(r"^bb\.layers\.2\.blocks\.(\d+)\.")
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+LOGIN = "set HF_TOKEN (or log in with `hf auth login`, `huggingface-cli login` on older huggingface_hub)"
+
+
+class WeightsError(RuntimeError):
+    """A checkpoint could not be found, read or matched to the network."""
+
+    def __init__(self, message: str):
+        # Collapsed to one line so a CLI or a log shows it whole, whatever a library put in it.
+        super().__init__(" ".join(message.split()))
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    source: str  # what the caller asked for
+    backbone: str
+    resolution: tuple[int, int]  # (h, w) the model was trained at
+    path: Path  # the file the weights came from
+    repo_id: str | None = None
+    spec: ModelSpec | None = None
+
+
+def load_birefnet(
+    source: str | os.PathLike, *, backbone: str | None = None, cache_dir: str | os.PathLike | None = None
+) -> tuple[BiRefNet, ModelInfo]:
+    """Build BiRefNet with the weights of `source`: a hub id or alias, a snapshot folder or a checkpoint file.
+
+    The model comes back in eval mode, float32, on the CPU. `backbone` is checked against the checkpoint
+    (and inferred from it when None). `cache_dir` overrides the Hugging Face cache for hub ids.
+    """
+    if backbone is not None and backbone not in SWIN_CONFIGS:
+        raise WeightsError(f"unknown backbone {backbone!r}: choose one of {', '.join(BACKBONES)}")
+    source = os.fspath(source)
+    path, repo_id = resolve(source, cache_dir)
+    spec = lookup(repo_id) if repo_id else None
+    sd = read_state_dict(path)
+
+    found = infer_backbone(sd, path)
+    if found is not None and spec is not None and found != spec.backbone:
+        raise WeightsError(
+            f"{path} holds a {found} backbone but {spec.repo_id} is a {spec.backbone} model: "
+            "the file is not that model's checkpoint; delete it and download again"
+        )
+    if found is not None and backbone is not None and found != backbone:
+        raise WeightsError(
+            f"{path} holds a {found} backbone ({describe(found)}) but backbone={backbone!r} was asked for: "
+            f"pass backbone={found!r} or leave it out"
+        )
+    chosen = found or backbone or (spec.backbone if spec else None)
+    if chosen is None:
+        raise WeightsError(
+            f"{path} has no key {PATCH_KEY}, so it is not a BiRefNet checkpoint (or its backbone cannot be told): "
+            "pass a BiRefNet / RMBG-2.0 checkpoint"
+        )
+
+    model = BiRefNet(chosen)
+    fill_derived(model, sd, path)
+    model.load_state_dict(sd, strict=True)
+    resolution = spec.resolution if spec else DEFAULT_RESOLUTION
+    return model.eval(), ModelInfo(source, chosen, resolution, path, repo_id, spec)
+
+
+# --- where the file is -------------------------------------------------------------------------
+
+
+def resolve(source: str, cache_dir: str | os.PathLike | None) -> tuple[Path, str | None]:
+    """The checkpoint file for `source`, and the hub repo it belongs to when that is known."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return checkpoint_in(path), repo_of(path)
+    if path.is_file():
+        return path, repo_of(path)
+    spec = lookup(source)
+    if spec is not None:
+        return hub_file(spec.repo_id, cache_dir), spec.repo_id
+    if HUB_ID.match(source) and path.suffix.lower() not in SUFFIXES:
+        return hub_file(source, cache_dir), source
+    raise WeightsError(
+        f"no such checkpoint file or folder: {source} "
+        f"(pass a {'/'.join(SUFFIXES)} file, a folder holding one, or a hub id such as briaai/RMBG-2.0)"
+    )
+
+
+def checkpoint_in(folder: Path) -> Path:
+    for name in HUB_FILES:
+        if (folder / name).is_file():
+            return folder / name
+    found = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in SUFFIXES)
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        raise WeightsError(
+            f"folder {folder} holds no checkpoint (looked for {', '.join(HUB_FILES)} or a single "
+            f"{'/'.join(SUFFIXES)} file): pass the checkpoint file itself"
+        )
+    names = ", ".join(p.name for p in found[:5])
+    raise WeightsError(f"folder {folder} holds several checkpoints ({names}): pass the one to load")
+
+
+def repo_of(path: Path) -> str | None:
+    """The repo of a file or folder inside a hub cache (`models--owner--name/...`), so its table entry applies."""
+    for part in path.absolute().parts:
+        if part.startswith("models--") and part.count("--") >= 2:
+            return part.removeprefix("models--").replace("--", "/", 1)
+    return None
+
+
+def hub_file(repo_id: str, cache_dir: str | os.PathLike | None) -> Path:
+    """Download (or find in the cache) the repo's weights, trying safetensors first."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.utils import (
+        EntryNotFoundError,
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+    )
+
+    offline = hub_offline()
+    unreachable: Exception | None = None
+    for filename in HUB_FILES:
+        try:
+            return Path(hf_hub_download(repo_id, filename, cache_dir=cache_dir, local_files_only=offline))
+        except GatedRepoError as e:
+            raise WeightsError(denied(repo_id)) from e
+        except RepositoryNotFoundError as e:
+            raise WeightsError(
+                f"{repo_id} is neither a local file or folder nor a model on the Hugging Face hub: check the name "
+                f"(known aliases: {', '.join(ALIASES)}), or if the repo is private, {LOGIN}"
+            ) from e
+        except LocalEntryNotFoundError as e:
+            if http_status(e) in (401, 403):
+                raise WeightsError(denied(repo_id)) from e
+            # Not cached and the hub is out of reach; the other file may still be in the cache.
+            unreachable = e
+        except EntryNotFoundError:
+            continue
+        except HfHubHTTPError as e:
+            if http_status(e) in (401, 403):
+                raise WeightsError(denied(repo_id)) from e
+            raise WeightsError(f"the Hugging Face hub failed on {repo_id}/{filename} ({brief(e)}): retry later") from e
+        except Exception as e:
+            raise WeightsError(f"could not fetch {repo_id}/{filename} from the Hugging Face hub ({brief(e)})") from e
+    if unreachable is not None:
+        spec = lookup(repo_id)
+        why = "HF_HUB_OFFLINE is set" if offline else brief(unreachable.__cause__ or unreachable)
+        then = f"; it is gated: accept the licence at {spec.url} and {LOGIN} first" if spec and spec.gated else ""
+        raise WeightsError(
+            f"could not reach the Hugging Face hub for {repo_id} ({why}) and it is not in the local cache: "
+            f"pass a local checkpoint file or folder, or download it once while online with `hf download {repo_id}` "
+            f"(`huggingface-cli download {repo_id}` on older huggingface_hub){then}"
+        ) from unreachable
+    raise WeightsError(
+        f"{repo_id} on the Hugging Face hub holds neither {' nor '.join(HUB_FILES)}: "
+        "download its checkpoint and pass the file's path"
+    )
+
+
+def hub_offline() -> bool:
+    # huggingface_hub reads HF_HUB_OFFLINE once, at import; read it again so a later setting counts too.
+    from huggingface_hub import constants
+
+    value = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
+    return value.strip().upper() in {"1", "ON", "YES", "TRUE"} or bool(constants.HF_HUB_OFFLINE)
+
+
+def denied(repo_id: str) -> str:
+    return (
+        f"access to {repo_id} on the Hugging Face hub was refused (gated or private): accept the licence "
+        f"at https://huggingface.co/{repo_id} and {LOGIN}, or pass a local checkpoint path"
+    )
+
+
+def http_status(err: BaseException | None) -> int | None:
+    """The HTTP status behind a hub error; huggingface_hub often wraps it as the cause of another error."""
+    while err is not None:
+        code = getattr(err.__dict__.get("response"), "status_code", None)
+        if isinstance(code, int):
+            return code
+        err = err.__cause__
+    return None
+
+
+def brief(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    text = f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
+    return text if len(text) <= 160 else text[:157] + "..."
+
+
+# --- what the file holds -----------------------------------------------------------------------
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """The file's tensors, unwrapped, with training-time prefixes stripped and floats as float32."""
+    suffix = path.suffix.lower()
+    if suffix not in SUFFIXES:
+        raise WeightsError(f"{path}: unknown checkpoint format {suffix or '(none)'}, expected {'/'.join(SUFFIXES)}")
+    try:
+        if suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            obj = load_file(str(path), device="cpu")
+        else:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        if "Unsupported global" in str(e):
+            # A pickled module or optimiser object: refused because unpickling it could run arbitrary code.
+            raise WeightsError(
+                f"{path} pickles Python objects besides tensors, which are not loaded for safety: "
+                "re-save it with torch.save(model.state_dict(), ...) or convert it to safetensors"
+            ) from e
+        kind = "safetensors" if suffix == ".safetensors" else "PyTorch"
+        raise WeightsError(
+            f"could not read {path} as a {kind} checkpoint ({brief(e)}): the file is truncated, corrupted or "
+            "not a checkpoint; download or export it again"
+        ) from e
+
+    sd = unwrap(obj)
+    if sd is None:
+        raise WeightsError(
+            f"{path} holds no state dict of tensors (found {type(obj).__name__}): "
+            "pass a checkpoint saved from model.state_dict()"
+        )
+    out = {strip_prefixes(k): v.float() if v.is_floating_point() else v for k, v in sd.items()}
+    if len(out) != len(sd):
+        raise WeightsError(f"{path} holds the same key with and without a module./_orig_mod. prefix: re-export it")
+    return out
+
+
+def unwrap(obj) -> dict[str, torch.Tensor] | None:
+    for _ in range(len(WRAPPERS)):
+        if not isinstance(obj, Mapping):
+            return None
+        inner = next((obj[k] for k in WRAPPERS if isinstance(obj.get(k), Mapping)), None)
+        if inner is None:
+            break
+        obj = inner
+    if isinstance(obj, Mapping) and obj and all(isinstance(k, str) and torch.is_tensor(v) for k, v in obj.items()):
+        return dict(obj)
+    return None
+
+
+def strip_prefixes(key: str) -> str:
+    while key.startswith(PREFIXES):
+        key = key.split(".", 1)[1]
+    return key
+
+
+def infer_backbone(sd: Mapping[str, torch.Tensor], path: Path) -> str | None:
+    """The Swin variant a checkpoint was trained with, or None when it has no patch embedding at all."""
+    if PATCH_KEY not in sd:
+        return None
+    dim = sd[PATCH_KEY].shape[0]
+    depth = len({m.group(1) for k in sd if (m := STAGE3_BLOCK.match(k))})
+    for name, cfg in SWIN_CONFIGS.items():
+        if cfg.embed_dim == dim and cfg.depths[2] == depth:
+            return name
+    raise WeightsError(
+        f"{path} has a Swin backbone with embed dim {dim} and {depth} blocks in stage 3, which is none of "
+        f"{', '.join(f'{b} ({describe(b)})' for b in BACKBONES)}: this loader supports only those"
+    )
+
+
+def describe(backbone: str) -> str:
+    cfg = SWIN_CONFIGS[backbone]
+    return f"embed dim {cfg.embed_dim}, {cfg.depths[2]} blocks in stage 3"
+
+
+def fill_derived(model: BiRefNet, sd: dict[str, torch.Tensor], path: Path) -> None:
+    """Check `sd` against the model key by key; add the derived buffers it lacks from the model itself."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd and k.rsplit(".", 1)[-1] not in DERIVED]
+    unexpected = [k for k in sd if k not in own]
+    if missing or unexpected:
+        groups = (("missing", missing), ("unexpected", unexpected))
+        parts = "; ".join(f"{len(keys)} {what} ({few(keys)})" for what, keys in groups if keys)
+        raise WeightsError(
+            f"{path} does not match BiRefNet({model.backbone}): keys {parts}: "
+            "it is not a checkpoint of this network, or it is incomplete; pass the original file"
+        )
+    bad = [
+        k
+        for k, v in own.items()
+        if k in sd and (sd[k].shape != v.shape or sd[k].is_floating_point() != v.is_floating_point())
+    ]
+    if bad:
+        k = bad[0]
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise WeightsError(
+            f"{path}: {k} is {list(sd[k].shape)} {sd[k].dtype} in the checkpoint but BiRefNet({model.backbone}) "
+            f"expects {list(own[k].shape)} {own[k].dtype}{more}: the file is for another network configuration"
+        )
+    for k, v in own.items():
+        sd.setdefault(k, v)
+
+
+def few(keys: list[str], n: int = 5) -> str:
+    return ", ".join(keys[:n]) + (", ..." if len(keys) > n else "")

@@ -1,0 +1,240 @@
+"""The engine on CPU with the chroma backend: order, drops, several streams, every background mode."""
+
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from rmbg_stream.engine.backends import ChromaBackend, create_backend
+from rmbg_stream.engine.composite import parse_background
+from rmbg_stream.engine.engine import Engine, StreamOptions
+
+GREEN = (0, 177, 64)
+CPU = torch.device("cpu")
+
+
+def green_frame(h=48, w=64, box=(12, 36, 16, 48), color=(200, 60, 40), seed=0):
+    """A green-screen frame with a solid foreground box (rows y0:y1, cols x0:x1); returns frame, true alpha."""
+    f = np.empty((h, w, 3), np.uint8)
+    f[:] = GREEN
+    y0, y1, x0, x1 = box
+    f[y0:y1, x0:x1] = color
+    a = np.zeros((h, w), np.uint8)
+    a[y0:y1, x0:x1] = 255
+    return f, a
+
+
+def interior(a, margin=2):
+    """Pixels at least `margin` away from any edge of the mask (codec- and filter-safe)."""
+    import cv2
+
+    kernel = np.ones((2 * margin + 1, 2 * margin + 1), np.uint8)
+    inside = cv2.erode((a > 0).astype(np.uint8), kernel, borderType=cv2.BORDER_REPLICATE) > 0
+    outside = cv2.erode((a == 0).astype(np.uint8), kernel, borderType=cv2.BORDER_REPLICATE) > 0
+    return inside, outside
+
+
+@pytest.fixture
+def engine():
+    with Engine(ChromaBackend(CPU), max_batch=4, max_wait_ms=2) as e:
+        yield e
+
+
+def test_chroma_backend_keys_green_only():
+    frame, truth = green_frame()
+    x = torch.from_numpy(frame).permute(2, 0, 1)[None].float() / 255
+    alpha = ChromaBackend(CPU)(x)[0, 0].numpy()
+    assert alpha.shape == truth.shape
+    assert np.all(alpha[truth == 255] == 1) and np.all(alpha[truth == 0] == 0)
+    blue = create_backend("chroma:#0000ff", CPU)
+    assert np.all(blue(x)[0, 0].numpy() == 1)  # nothing blue in a green-screen frame
+
+
+def test_file_stream_is_lossless_and_in_order(engine):
+    opts = StreamOptions(background=parse_background("#0000ff"), smoothing=0, alpha=True)
+    s = engine.open_stream(live=False, options=opts, max_in_flight=3)
+    n = 25
+    got = []
+    consumer = threading.Thread(target=lambda: got.extend(iter(s.get, None)))
+    consumer.start()
+    for i in range(n):
+        f, _ = green_frame(box=(10, 30, i, i + 20))
+        assert s.submit(f, pts=1000 + 33 * i, meta={"i": i})
+        assert s.waiting <= 3  # back-pressure keeps memory bounded
+    s.end()
+    consumer.join(10)
+    assert [r.pts for r in got] == [1000 + 33 * i for i in range(n)]
+    assert [r.meta["i"] for r in got] == list(range(n)) and s.dropped == 0
+    for i, r in enumerate(got):
+        _, truth = green_frame(box=(10, 30, i, i + 20))
+        np.testing.assert_array_equal(r.alpha, truth)
+        assert r.image.shape == (48, 64, 3)
+
+
+def test_live_stream_drops_old_frames_under_overload():
+    backend = create_backend("random:swin_v1_t", CPU, resolution=(64, 64))  # really slow on CPU
+    with Engine(backend, max_batch=2) as engine:
+        s = engine.open_stream(live=True, max_in_flight=2)
+        frame, _ = green_frame()
+        peak = 0
+        for i in range(60):
+            s.submit(frame, pts=i)
+            peak = max(peak, len(s.pending), s.results.qsize())
+            time.sleep(0.002)
+        deadline = time.time() + 30
+        while s.delivered + s.dropped < 60 and time.time() < deadline:
+            time.sleep(0.02)
+        assert peak <= 2
+        assert s.dropped > 30 and s.delivered >= 1
+        assert s.delivered + s.dropped == 60
+        results = []
+        while not s.results.empty():
+            results.append(s.get())
+        pts = [r.pts for r in results]
+        assert pts == sorted(pts) and pts[-1] == 59  # the newest frame always comes out
+        s.close()
+
+
+def test_several_streams_share_batches(engine):
+    colours = {"#ff0000": (255, 0, 0), "#00ffff": (0, 255, 255), "white": (255, 255, 255)}
+    sizes = [(48, 64), (40, 40), (30, 50)]
+    outputs = {}
+
+    def run(key, hw):
+        s = engine.open_stream(live=False, options=StreamOptions(background=parse_background(key), smoothing=0))
+        got = []
+        t = threading.Thread(target=lambda: got.extend(iter(s.get, None)))
+        t.start()
+        for i in range(12):
+            f, _ = green_frame(h=hw[0], w=hw[1], box=(5, hw[0] - 5, 5, 20))
+            s.submit(f, pts=i)
+        s.end()
+        t.join(20)
+        outputs[key] = (hw, got)
+        s.close()
+
+    threads = [threading.Thread(target=run, args=(k, hw)) for k, hw in zip(colours, sizes)]
+    [t.start() for t in threads]
+    [t.join(30) for t in threads]
+    assert engine.batches < engine.frames  # frames of different streams went through together
+    for key, (hw, got) in outputs.items():
+        assert [r.pts for r in got] == list(range(12))
+        f, truth = green_frame(h=hw[0], w=hw[1], box=(5, hw[0] - 5, 5, 20))
+        fg, bg = interior(truth)
+        for r in got:
+            assert r.image.shape == (*hw, 3)
+            assert np.all(r.image[bg] == colours[key])
+            assert np.all(r.image[fg] == f[fg])
+
+
+def run_one(engine, options, frame, background_source=None):
+    s = engine.open_stream(live=False, options=options, background_source=background_source)
+    s.submit(frame)
+    s.end()
+    r = s.get(timeout=10)
+    s.close()
+    return r
+
+
+class LoopingFrames:
+    """A video background: a new frame each read."""
+
+    def __init__(self, frames):
+        self.frames, self.i = frames, 0
+
+    def read(self):
+        self.i += 1
+        return self.frames[(self.i - 1) % len(self.frames)]
+
+
+def test_every_background_mode(engine, tmp_path):
+    from PIL import Image
+
+    frame, truth = green_frame()
+    fg, bg = interior(truth)
+
+    r = run_one(engine, StreamOptions(background=parse_background("transparent"), smoothing=0), frame)
+    assert r.image.shape == (48, 64, 4)
+    assert np.all(r.image[..., 3][fg] == 255) and np.all(r.image[..., 3][bg] == 0)
+    assert np.all(r.image[..., :3][fg] == frame[fg])
+
+    r = run_one(engine, StreamOptions(background=parse_background("none"), smoothing=0), frame)
+    np.testing.assert_array_equal(r.image, frame)
+
+    pattern = np.zeros((48, 64, 3), np.uint8)
+    pattern[:, :32] = (255, 255, 0)
+    pattern[:, 32:] = (0, 0, 255)
+    Image.fromarray(pattern).save(tmp_path / "bg.png")
+    r = run_one(engine, StreamOptions(background=parse_background(str(tmp_path / "bg.png")), smoothing=0), frame)
+    np.testing.assert_array_equal(r.image[bg], pattern[bg])
+    assert np.all(r.image[fg] == frame[fg])
+
+    video = LoopingFrames([np.full((96, 128, 3), 90, np.uint8)])
+    opts = StreamOptions(background=parse_background(str(tmp_path / "bg.mp4")), smoothing=0)
+    r = run_one(engine, opts, frame, background_source=video)
+    assert np.all(r.image[bg] == 90) and np.all(r.image[fg] == frame[fg])
+
+    noisy = frame.copy()
+    noisy[truth == 0] = np.random.default_rng(1).integers(0, 2, (int((truth == 0).sum()), 1)) * 40 + GREEN[1] - 20
+    noisy[truth == 0, 0] = 0
+    noisy[truth == 0, 2] = 64
+    r = run_one(engine, StreamOptions(background=parse_background("blur"), smoothing=0), noisy)
+    assert r.image[bg][:, 1].std() < noisy[bg][:, 1].std() / 2  # the background got blurred
+    assert np.all(np.abs(r.image[fg].astype(int) - frame[fg]) <= 1)
+
+    r = run_one(engine, StreamOptions(background=parse_background("#123456"), smoothing=0, mask_view=True,
+                                      alpha=True), frame)
+    np.testing.assert_array_equal(r.image[..., 0], r.alpha)
+    np.testing.assert_array_equal(r.alpha, truth)
+
+    r = run_one(engine, StreamOptions(background=parse_background("#ffffff"), smoothing=0, decontaminate=True),
+                frame)
+    assert np.all(r.image[bg] == 255) and np.all(np.abs(r.image[fg].astype(int) - frame[fg]) <= 2)
+
+
+def test_results_equal_between_live_and_file_paths(engine):
+    frame, _ = green_frame()
+    opts = StreamOptions(background=parse_background("#00ff00"), smoothing=0, alpha=True)
+    a = run_one(engine, opts, frame)
+    live = engine.open_stream(live=True, options=opts)
+    live.submit(frame)
+    b = live.get(timeout=10)
+    live.close()
+    np.testing.assert_array_equal(a.image, b.image)
+    np.testing.assert_array_equal(a.alpha, b.alpha)
+
+
+def test_bad_frame_is_rejected_and_engine_keeps_serving(engine):
+    s = engine.open_stream(live=False)
+    with pytest.raises(ValueError, match="uint8"):
+        s.submit(np.zeros((8, 8), np.float32))
+    frame, _ = green_frame()
+    s.submit(frame)
+    s.end()
+    assert s.get(timeout=10) is not None
+    s.close()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_path_equals_cpu_path():
+    frame, _ = green_frame(h=360, w=640, box=(60, 300, 100, 400))
+    opts = StreamOptions(background=parse_background("#ff00ff"), smoothing=0.5, alpha=True)
+    out = {}
+    for dev in ("cpu", "cuda"):
+        with Engine(ChromaBackend(torch.device(dev)), max_batch=4) as e:
+            s = e.open_stream(live=False, options=opts)
+            got = []
+            t = threading.Thread(target=lambda s=s, got=got: got.extend(iter(s.get, None)))
+            t.start()
+            for i in range(10):
+                s.submit(np.roll(frame, 3 * i, axis=1), pts=i)
+            s.end()
+            t.join(30)
+            out[dev] = got
+    assert [r.pts for r in out["cuda"]] == list(range(10))
+    for a, b in zip(out["cpu"], out["cuda"]):
+        assert np.abs(a.alpha.astype(int) - b.alpha).max() <= 1
+        assert np.abs(a.image.astype(int) - b.image).max() <= 1

@@ -1,0 +1,461 @@
+"""Weights loading: every checkpoint format round-trips exactly, every failure is one actionable line."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from rmbg_stream.models import BiRefNet
+from rmbg_stream.models.registry import MODELS, lookup
+from rmbg_stream.models.weights import WeightsError, load_birefnet
+
+DERIVED = ("relative_position_index", "num_batches_tracked")
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def fill(model: BiRefNet, seed: int = 0) -> BiRefNet:
+    """Seeded values unlike the default init, so a parameter left unloaded changes the output."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, t in model.state_dict().items():
+            last = name.rsplit(".", 1)[-1]
+            if last == "num_batches_tracked":
+                t.fill_(7)
+            elif not t.is_floating_point():
+                continue
+            elif last == "running_var":
+                t.uniform_(0.5, 2.0, generator=g)
+            elif t.dim() >= 2:
+                t.normal_(0.0, t[0].numel() ** -0.5, generator=g)
+            elif last == "weight":
+                t.normal_(1.0, 0.1, generator=g)
+            else:
+                t.normal_(0.0, 0.05, generator=g)
+    return model.eval()
+
+
+def run(model: BiRefNet, x: torch.Tensor) -> list[torch.Tensor]:
+    with torch.inference_mode():
+        return model(x)
+
+
+@pytest.fixture(scope="module")
+def workdir():
+    # Checkpoints are ~180 MB each; removed at once rather than kept by pytest's tmp_path retention.
+    with tempfile.TemporaryDirectory(prefix="rmbg-weights-") as d:
+        yield Path(d)
+
+
+@pytest.fixture
+def scratch(workdir, request):
+    d = workdir / request.node.name.replace("/", "_")
+    d.mkdir()
+    yield d
+    shutil.rmtree(d)
+
+
+@pytest.fixture(scope="module")
+def original(workdir):
+    """(state dict, input, outputs, a .safetensors file) of a filled swin_v1_t BiRefNet."""
+    torch.manual_seed(0)
+    model = fill(BiRefNet("swin_v1_t"))
+    sd = {k: v.clone().contiguous() for k, v in model.state_dict().items()}
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    path = workdir / "original.safetensors"
+    save_file(sd, str(path))
+    return sd, x, run(model, x), path
+
+
+def assert_loaded(model, info, x, expected, path, backbone="swin_v1_t", resolution=(1024, 1024)):
+    assert not model.training
+    assert all(t.dtype == torch.float32 and t.device.type == "cpu" for t in model.parameters())
+    assert info.backbone == backbone and info.resolution == resolution
+    assert Path(info.path) == Path(path)
+    got = run(model, x)
+    assert len(got) == len(expected)
+    for a, b in zip(got, expected, strict=True):
+        assert torch.equal(a, b)
+
+
+# --- every format loads to the same network ------------------------------------------------------
+
+
+def save_plain(sd, d):
+    torch.save(sd, d / "weights.pth")
+    return d / "weights.pth", d / "weights.pth"
+
+
+def save_module_prefixed(sd, d):
+    torch.save({f"module.{k}": v for k, v in sd.items()}, d / "dp.pth")
+    return d / "dp.pth", d / "dp.pth"
+
+
+def save_wrapped(sd, d):
+    torch.save({"state_dict": sd, "epoch": 120}, d / "wrapped.pth")
+    return d / "wrapped.pth", d / "wrapped.pth"
+
+
+def save_wrapped_prefixed(sd, d):
+    torch.save({"state_dict": {f"module._orig_mod.{k}": v for k, v in sd.items()}}, d / "both.pth")
+    return d / "both.pth", d / "both.pth"
+
+
+def save_compiled_pt(sd, d):
+    torch.save({"model": {f"_orig_mod.{k}": v for k, v in sd.items()}}, d / "compiled.pt")
+    return d / "compiled.pt", d / "compiled.pt"
+
+
+def save_bin(sd, d):
+    torch.save(sd, d / "pytorch_model.bin")
+    return d / "pytorch_model.bin", d / "pytorch_model.bin"
+
+
+def save_snapshot(sd, d):
+    snap = d / "snapshot"
+    snap.mkdir()
+    save_file(sd, str(snap / "model.safetensors"))
+    (snap / "config.json").write_text(json.dumps({"architectures": ["BiRefNet"], "bb_pretrained": False}))
+    return snap, snap / "model.safetensors"
+
+
+def save_snapshot_single_pth(sd, d):
+    snap = d / "release"
+    snap.mkdir()
+    torch.save(sd, snap / "BiRefNet-general-epoch_244.pth")
+    (snap / "README.md").write_text("weights\n")
+    return snap, snap / "BiRefNet-general-epoch_244.pth"
+
+
+def save_without_derived(sd, d):
+    kept = {k: v for k, v in sd.items() if k.rsplit(".", 1)[-1] not in DERIVED}
+    assert len(kept) < len(sd)
+    save_file(kept, str(d / "slim.safetensors"))
+    return d / "slim.safetensors", d / "slim.safetensors"
+
+
+@pytest.mark.parametrize(
+    "save",
+    [
+        save_plain,
+        save_module_prefixed,
+        save_wrapped,
+        save_wrapped_prefixed,
+        save_compiled_pt,
+        save_bin,
+        save_snapshot,
+        save_snapshot_single_pth,
+        save_without_derived,
+    ],
+)
+def test_format_loads_identically(original, scratch, save):
+    sd, x, expected, _ = original
+    source, file = save(sd, scratch)
+    model, info = load_birefnet(str(source))
+    assert info.source == str(source) and info.repo_id is None
+    assert_loaded(model, info, x, expected, file)
+
+
+def test_safetensors_file_and_explicit_backbone(original):
+    sd, x, expected, path = original
+    model, info = load_birefnet(path, backbone="swin_v1_t")
+    assert_loaded(model, info, x, expected, path)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_checkpoint_loads_as_float32(original, scratch, dtype):
+    sd, x, expected, _ = original
+    half = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
+    save_file(half, str(scratch / "half.safetensors"))
+    # The exact expectation: the original network with its weights rounded to the checkpoint's precision.
+    rounded = BiRefNet("swin_v1_t").eval()
+    rounded.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in half.items()})
+    model, info = load_birefnet(scratch / "half.safetensors")
+    assert_loaded(model, info, x, run(rounded, x), scratch / "half.safetensors")
+    # And rounding moved the logits only a little.
+    assert (run(model, x)[-1] - expected[-1]).abs().max() < 0.05 * expected[-1].abs().max()
+
+
+def test_backbone_is_inferred(scratch):
+    sd = BiRefNet("swin_v1_s").state_dict()
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(scratch / "small.safetensors"))
+    _, info = load_birefnet(scratch / "small.safetensors")
+    assert info.backbone == "swin_v1_s"
+
+
+# --- failures --------------------------------------------------------------------------------------
+
+
+def raises(source, **kw) -> str:
+    with pytest.raises(WeightsError) as e:
+        load_birefnet(source, **kw)
+    text = str(e.value)
+    assert "\n" not in text
+    return text
+
+
+def test_truncated_safetensors(original, scratch):
+    data = original[3].read_bytes()
+    bad = scratch / "cut.safetensors"
+    bad.write_bytes(data[: len(data) // 2])
+    msg = raises(bad)
+    assert str(bad) in msg and "truncated" in msg and "safetensors" in msg
+
+
+def test_text_file_named_pth(scratch):
+    bad = scratch / "notes.pth"
+    bad.write_text("these are not weights\n")
+    msg = raises(bad)
+    assert str(bad) in msg and "not a checkpoint" in msg
+
+
+def test_truncated_pth(original, scratch):
+    torch.save(original[0], scratch / "full.pth")
+    data = (scratch / "full.pth").read_bytes()
+    (scratch / "cut.pth").write_bytes(data[: len(data) // 3])
+    msg = raises(scratch / "cut.pth")
+    assert "cut.pth" in msg and "truncated" in msg
+
+
+def test_pickled_module_is_refused(scratch):
+    torch.save(torch.nn.Linear(2, 2), scratch / "module.pth")
+    msg = raises(scratch / "module.pth")
+    assert "module.pth" in msg and "state_dict()" in msg
+
+
+def test_missing_path(scratch):
+    msg = raises(scratch / "nowhere" / "model.safetensors")
+    assert "no such checkpoint file or folder" in msg and "nowhere" in msg
+
+
+def test_folder_without_checkpoint(scratch):
+    (scratch / "config.json").write_text("{}")
+    msg = raises(scratch)
+    assert "holds no checkpoint" in msg and "model.safetensors" in msg
+
+
+def test_folder_with_several_checkpoints(original, scratch):
+    for name in ("a.pth", "b.pth"):
+        (scratch / name).write_bytes(b"x")
+    msg = raises(scratch)
+    assert "several checkpoints" in msg and "a.pth" in msg and "b.pth" in msg
+
+
+def test_unsupported_suffix(scratch):
+    (scratch / "model.onnx").write_bytes(b"onnx")
+    msg = raises(scratch / "model.onnx")
+    assert "unknown checkpoint format .onnx" in msg
+
+
+def test_not_a_birefnet_checkpoint(scratch):
+    save_file({"encoder.weight": torch.zeros(3, 3)}, str(scratch / "other.safetensors"))
+    msg = raises(scratch / "other.safetensors")
+    assert "not a BiRefNet checkpoint" in msg and "bb.patch_embed.proj.weight" in msg
+
+
+def test_missing_key(original, scratch):
+    sd = dict(original[0])
+    del sd["decoder.conv_out1.0.weight"]
+    save_file(sd, str(scratch / "m.safetensors"))
+    msg = raises(scratch / "m.safetensors")
+    assert "1 missing (decoder.conv_out1.0.weight)" in msg and "unexpected" not in msg
+
+
+def test_missing_learned_buffer_is_not_excused(original, scratch):
+    sd = {k: v for k, v in original[0].items() if not k.endswith("running_mean")}
+    save_file(sd, str(scratch / "m.safetensors"))
+    msg = raises(scratch / "m.safetensors")
+    assert "missing" in msg and "running_mean" in msg
+
+
+def test_unexpected_and_missing_keys_are_counted(original, scratch):
+    sd = dict(original[0])
+    sd["decoder.extra.weight"] = torch.ones(2)
+    for k in [k for k in sd if k.startswith(("decoder.conv_out1.", "decoder.gdt_convs_4."))]:
+        del sd[k]
+    save_file(sd, str(scratch / "x.safetensors"))
+    msg = raises(scratch / "x.safetensors")
+    assert "1 unexpected (decoder.extra.weight)" in msg
+    # 8, not 9: the dropped num_batches_tracked is a derived buffer and excused.
+    assert "8 missing (decoder.conv_out1.0.weight, decoder.conv_out1.0.bias, decoder.gdt_convs_4.0.weight" in msg
+    assert ", ...)" in msg
+
+
+def test_shape_mismatch(original, scratch):
+    sd = dict(original[0])
+    sd["decoder.conv_out1.0.weight"] = torch.zeros(2, 3, 1, 1)
+    save_file(sd, str(scratch / "s.safetensors"))
+    msg = raises(scratch / "s.safetensors")
+    assert "decoder.conv_out1.0.weight" in msg and "[2, 3, 1, 1]" in msg
+    assert str(list(original[0]["decoder.conv_out1.0.weight"].shape)) in msg
+
+
+def test_backbone_mismatch(scratch):
+    sd = BiRefNet("swin_v1_s").state_dict()
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(scratch / "small.safetensors"))
+    msg = raises(scratch / "small.safetensors", backbone="swin_v1_t")
+    assert "holds a swin_v1_s backbone" in msg and "backbone='swin_v1_t'" in msg
+
+
+def test_unknown_backbone_argument(original):
+    msg = raises(original[3], backbone="resnet50")
+    assert "unknown backbone 'resnet50'" in msg and "swin_v1_l" in msg
+
+
+# --- the hub -----------------------------------------------------------------------------------------
+
+
+def test_registry():
+    assert lookup("RMBG-2.0") is lookup("briaai/rmbg-2.0") is MODELS["briaai/RMBG-2.0"]
+    rmbg = MODELS["briaai/RMBG-2.0"]
+    assert (rmbg.backbone, rmbg.resolution, rmbg.gated, rmbg.licence) == ("swin_v1_l", (1024, 1024), True, "CC BY-NC 4.0")
+    assert lookup("birefnet").repo_id == "ZhengPeng7/BiRefNet"
+    assert lookup("BiRefNet-Lite").backbone == "swin_v1_t"
+    assert lookup("ZhengPeng7/BiRefNet_lite-2K").resolution == (1440, 2560)
+    assert lookup("ZhengPeng7/BiRefNet_HR").resolution == (2048, 2048)
+    assert lookup("ZhengPeng7/BiRefNet_512x512").resolution == (512, 512)
+    assert lookup("someone/else") is None
+    assert all(s.licence == "MIT" and not s.gated for r, s in MODELS.items() if r.startswith("ZhengPeng7/"))
+
+
+@pytest.fixture
+def offline(monkeypatch, scratch):
+    """HF_HUB_OFFLINE=1, a private HF_HOME, and the cache folder to hand to load_birefnet."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(scratch / "hf"))
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    return scratch / "hf" / "hub"
+
+
+def cache_put(cache: Path, repo_id: str, file: Path, filename: str = "model.safetensors") -> Path:
+    """Place `file` where huggingface_hub's cache layout expects `repo_id`'s `filename` at main."""
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    snap = repo / "snapshots" / COMMIT
+    snap.mkdir(parents=True)
+    (snap / filename).symlink_to(file)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(COMMIT)
+    return snap / filename
+
+
+@pytest.mark.parametrize("source", ["briaai/RMBG-2.0", "rmbg-2.0"])
+def test_offline_without_cache_says_how_to_fix(offline, source):
+    msg = raises(source, cache_dir=offline)
+    assert "could not reach the Hugging Face hub for briaai/RMBG-2.0" in msg and "HF_HUB_OFFLINE" in msg
+    assert "local checkpoint" in msg and "huggingface-cli download briaai/RMBG-2.0" in msg
+    assert "accept the licence at https://huggingface.co/briaai/RMBG-2.0" in msg and "HF_TOKEN" in msg
+
+
+def test_offline_unknown_repo(offline):
+    msg = raises("someone/not-cached", cache_dir=offline)
+    assert "someone/not-cached" in msg and "hf download someone/not-cached" in msg and "licence" not in msg
+
+
+@pytest.mark.parametrize(
+    "source, repo_id, resolution",
+    [
+        ("birefnet-lite", "ZhengPeng7/BiRefNet_lite", (1024, 1024)),
+        ("ZhengPeng7/BiRefNet_lite-2K", "ZhengPeng7/BiRefNet_lite-2K", (1440, 2560)),
+        ("someone/my-birefnet", "someone/my-birefnet", (1024, 1024)),
+    ],
+)
+def test_offline_cache_hit(original, offline, source, repo_id, resolution):
+    sd, x, expected, path = original
+    file = cache_put(offline, repo_id, path)
+    model, info = load_birefnet(source, cache_dir=offline)
+    assert info.repo_id == repo_id and info.source == source
+    assert info.spec is lookup(repo_id)
+    assert_loaded(model, info, x, expected, file, resolution=resolution)
+
+
+def test_offline_cache_falls_back_to_pytorch_model_bin(original, offline, scratch):
+    sd, x, expected, _ = original
+    torch.save(sd, scratch / "weights.bin")
+    file = cache_put(offline, "ZhengPeng7/BiRefNet_lite", scratch / "weights.bin", "pytorch_model.bin")
+    model, info = load_birefnet("ZhengPeng7/BiRefNet_lite", cache_dir=offline)
+    assert_loaded(model, info, x, expected, file)
+
+
+def test_snapshot_folder_inside_cache_keeps_its_table_entry(original, offline):
+    sd, x, expected, path = original
+    file = cache_put(offline, "ZhengPeng7/BiRefNet_lite-2K", path)
+    model, info = load_birefnet(file.parent)
+    assert info.repo_id == "ZhengPeng7/BiRefNet_lite-2K" and info.resolution == (1440, 2560)
+
+
+def test_known_repo_with_wrong_backbone(original, offline):
+    cache_put(offline, "briaai/RMBG-2.0", original[3])
+    msg = raises("briaai/RMBG-2.0", cache_dir=offline)
+    assert "swin_v1_t" in msg and "briaai/RMBG-2.0 is a swin_v1_l model" in msg
+
+
+class FakeHub(BaseHTTPRequestHandler):
+    """Answers the way huggingface.co does for gated, missing and failing repositories."""
+
+    ANSWERS = {
+        "owner/gated": (401, {"X-Error-Code": "GatedRepo", "X-Error-Message": "Access to model is restricted."}),
+        "owner/missing": (404, {"X-Error-Code": "RepoNotFound", "X-Error-Message": "Repository not found"}),
+        "owner/forbidden": (403, {}),
+        "owner/empty": (404, {"X-Error-Code": "EntryNotFound", "X-Error-Message": "Entry not found"}),
+        "owner/down": (503, {}),
+    }
+
+    def do_HEAD(self):
+        repo = "/".join(self.path.lstrip("/").split("/")[:2])
+        status, headers = self.ANSWERS.get(repo, (500, {}))
+        self.send_response(status)
+        for k, v in {**headers, "Content-Length": "0"}.items():
+            self.send_header(k, v)
+        self.end_headers()
+
+    do_GET = do_HEAD
+
+    def log_message(self, *args):
+        pass
+
+
+def test_hub_errors_are_mapped(scratch):
+    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeHub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    # A fresh interpreter, because huggingface_hub reads HF_ENDPOINT only when it is imported.
+    env = {k: v for k, v in os.environ.items() if not k.upper().endswith("_PROXY") and not k.startswith("HF_")}
+    env.update(HF_ENDPOINT=f"http://127.0.0.1:{server.server_port}", HF_HOME=str(scratch / "hf"), NO_PROXY="*")
+    script = (
+        "import json, sys\n"
+        "from rmbg_stream.models.weights import WeightsError, load_birefnet\n"
+        "out = {}\n"
+        "for repo in sys.argv[1:]:\n"
+        "    try:\n"
+        "        load_birefnet(repo)\n"
+        "    except WeightsError as e:\n"
+        "        out[repo] = str(e)\n"
+        "print(json.dumps(out))\n"
+    )
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", script, *FakeHub.ANSWERS],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    finally:
+        server.shutdown()
+    assert done.returncode == 0, done.stderr
+    msg = json.loads(done.stdout.strip().splitlines()[-1])
+    assert set(msg) == set(FakeHub.ANSWERS)
+    for repo in ("owner/gated", "owner/forbidden"):
+        assert f"accept the licence at https://huggingface.co/{repo}" in msg[repo] and "HF_TOKEN" in msg[repo]
+    assert "owner/missing is neither a local file or folder nor a model on the Hugging Face hub" in msg["owner/missing"]
+    assert "holds neither model.safetensors nor pytorch_model.bin" in msg["owner/empty"]
+    assert "could not reach the Hugging Face hub for owner/down" in msg["owner/down"] and "503" in msg["owner/down"]
