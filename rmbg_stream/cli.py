@@ -40,6 +40,24 @@ def cmd_image(args) -> int:
     return 1 if failures else 0
 
 
+def cmd_transcode(args) -> int:
+    from .transcode import run_cli
+
+    return run_cli(args)
+
+
+def cmd_serve(args) -> int:
+    from .server.app import run_cli
+
+    return run_cli(args)
+
+
+def cmd_camera(args) -> int:
+    from .camera import run_cli
+
+    return run_cli(args)
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rmbg-stream", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -52,6 +70,48 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--background", help="COLOR (#rrggbb or name), IMAGE path or 'blur' (default: transparent PNG)")
     add_model_args(p)
     p.set_defaults(func=cmd_image)
+
+    # -- transcode (rmbg_stream/transcode.py)
+    p = sub.add_parser("transcode", help="replace or remove the background of video files (audio kept)")
+    p.add_argument("input", help="video file or folder")
+    p.add_argument("-o", "--output", required=True, help="output file (.mp4 .mkv .mov .webm, or a folder for PNGs)")
+    p.add_argument("--background", default=None,
+                   help="COLOR, IMAGE, VIDEO, blur[:S], transparent (default: transparent for .mov/.webm/PNG, "
+                        "else green #00b140)")
+    p.add_argument("--format", default=None, choices=["mp4", "mkv", "mov", "webm", "png"],
+                   help="output type when INPUT is a folder (default: mp4)")
+    p.add_argument("--mask", action="store_true", help="write the grey mask as video")
+    p.add_argument("--smoothing", type=float, default=0.5, help="temporal smoothing 0..1 (default: %(default)s)")
+    p.add_argument("--batch", type=int, default=4, help="frames per network batch (default: %(default)s)")
+    p.add_argument("--codec", default=None, help="video codec (default: by container)")
+    p.add_argument("--crf", type=int, default=None, help="quality for x264/x265/VP9 (lower is better)")
+    p.add_argument("--decontaminate", action="store_true", help="clean the old background's colour off edges")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.add_argument("--json", action="store_true", help="print a JSON summary at the end")
+    add_model_args(p)
+    p.set_defaults(func=cmd_transcode)
+
+    # -- serve (rmbg_stream/server/)
+    p = sub.add_parser("serve", help="live server: browser page, WebRTC, WebSocket, OBS source")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--background", default="blur", help="what a new session starts with (default: %(default)s)")
+    p.add_argument("--max-sessions", type=int, default=8)
+    p.add_argument("--token", default=None, help="required when binding to a non-loopback address")
+    p.add_argument("--batch", type=int, default=4, help="max frames per network batch (default: %(default)s)")
+    add_model_args(p)
+    p.set_defaults(func=cmd_serve)
+
+    # -- camera (rmbg_stream/camera.py)
+    p = sub.add_parser("camera", help="local camera to a virtual camera, a file or a window")
+    p.add_argument("--input", default=None, help="camera device, video file or URL (default: the first camera)")
+    p.add_argument("--output", default="vcam", help="vcam, window, or an output file (default: %(default)s)")
+    p.add_argument("--background", default="blur")
+    p.add_argument("--smoothing", type=float, default=0.5)
+    p.add_argument("--fps", type=float, default=None, help="capture/output frame rate")
+    p.add_argument("--size", default=None, metavar="WxH", help="capture size")
+    add_model_args(p)
+    p.set_defaults(func=cmd_camera)
     return parser
 
 

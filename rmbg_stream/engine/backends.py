@@ -13,6 +13,7 @@ import torch
 
 from ..device import pick_dtype
 from ..models import BiRefNet
+from .composite import parse_background
 
 log = logging.getLogger(__name__)
 
@@ -63,22 +64,17 @@ class ChromaBackend:
         return ((dist - self.tolerance) / self.softness).clamp_(0, 1)
 
 
-def parse_color(text: str) -> tuple[int, int, int]:
-    from PIL import ImageColor
-
-    try:
-        return ImageColor.getrgb(text)[:3]
-    except ValueError:
-        raise ValueError(f"not a colour: {text!r} (use #rrggbb or a name such as green)") from None
-
-
 def create_backend(name: str, device: torch.device, precision: str = "auto",
                    resolution: tuple[int, int] | None = None):
     """`name`: ``chroma`` or ``chroma:<colour>``; ``random:<backbone>`` (untrained, for benchmarks and
     tests); otherwise a BiRefNet checkpoint: hub id, alias, snapshot folder or weights file."""
     if name == "chroma" or name.startswith("chroma:"):
-        key = parse_color(name.split(":", 1)[1]) if ":" in name else (0, 177, 64)
-        return ChromaBackend(device, key)
+        if ":" not in name:
+            return ChromaBackend(device)
+        key = parse_background(name.split(":", 1)[1])
+        if key.kind != "color":
+            raise ValueError(f"chroma key must be a colour (#rrggbb or a name), got {name!r}")
+        return ChromaBackend(device, key.color)
     dtype = pick_dtype(precision, device)
     if name.startswith("random:"):
         backbone = name.split(":", 1)[1]

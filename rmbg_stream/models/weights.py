@@ -83,9 +83,7 @@ def load_birefnet(
             "pass a BiRefNet / RMBG-2.0 checkpoint"
         )
 
-    model = BiRefNet(chosen)
-    fill_derived(model, sd, path)
-    model.load_state_dict(sd, strict=True)
+    model = build(chosen, sd, path)
     resolution = spec.resolution if spec else DEFAULT_RESOLUTION
     return model.eval(), ModelInfo(source, chosen, resolution, path, repo_id, spec)
 
@@ -149,8 +147,10 @@ def hub_file(repo_id: str, cache_dir: str | os.PathLike | None) -> Path:
     offline = hub_offline()
     unreachable: Exception | None = None
     for filename in HUB_FILES:
+        # Once the hub proved unreachable, look only in the cache: each online try retries for ~20 s.
+        local_only = offline or unreachable is not None
         try:
-            return Path(hf_hub_download(repo_id, filename, cache_dir=cache_dir, local_files_only=offline))
+            return Path(hf_hub_download(repo_id, filename, cache_dir=cache_dir, local_files_only=local_only))
         except GatedRepoError as e:
             raise WeightsError(denied(repo_id)) from e
         except RepositoryNotFoundError as e:
@@ -162,7 +162,7 @@ def hub_file(repo_id: str, cache_dir: str | os.PathLike | None) -> Path:
             if http_status(e) in (401, 403):
                 raise WeightsError(denied(repo_id)) from e
             # Not cached and the hub is out of reach; the other file may still be in the cache.
-            unreachable = e
+            unreachable = unreachable or e
         except EntryNotFoundError:
             continue
         except HfHubHTTPError as e:
@@ -296,16 +296,36 @@ def describe(backbone: str) -> str:
     return f"embed dim {cfg.embed_dim}, {cfg.depths[2]} blocks in stage 3"
 
 
-def fill_derived(model: BiRefNet, sd: dict[str, torch.Tensor], path: Path) -> None:
-    """Check `sd` against the model key by key; add the derived buffers it lacks from the model itself."""
+def build(backbone: str, sd: dict[str, torch.Tensor], path: Path) -> BiRefNet:
+    """BiRefNet(backbone) holding exactly the checkpoint's tensors."""
+    with torch.device("meta"):
+        # No random init (seconds for swin_v1_l) when the checkpoint supplies every tensor anyway.
+        model = BiRefNet(backbone)
     own = model.state_dict()
+    check_keys(own, sd, path, backbone)
+    if all(k in sd for k in own):
+        # Fresh copies: safetensors hands out unaligned views into its file buffer, on which CPU kernels
+        # take other paths and give (slightly) different numbers than the same weights in aligned memory.
+        fresh = {k: sd[k].to(v.dtype, copy=True, memory_format=torch.contiguous_format) for k, v in own.items()}
+        model.load_state_dict(fresh, strict=True, assign=True)
+    else:
+        # Derived buffers are absent: a fully built model computes them.
+        model = BiRefNet(backbone)
+        model.load_state_dict({**model.state_dict(), **sd}, strict=True)
+    if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
+        raise WeightsError(f"BiRefNet({backbone}) has tensors outside its state dict that {path} cannot fill (a bug)")
+    return model
+
+
+def check_keys(own: Mapping[str, torch.Tensor], sd: Mapping[str, torch.Tensor], path: Path, backbone: str) -> None:
+    """Names, shapes and kinds must match; only the derived buffers may be absent."""
     missing = [k for k in own if k not in sd and k.rsplit(".", 1)[-1] not in DERIVED]
     unexpected = [k for k in sd if k not in own]
     if missing or unexpected:
         groups = (("missing", missing), ("unexpected", unexpected))
         parts = "; ".join(f"{len(keys)} {what} ({few(keys)})" for what, keys in groups if keys)
         raise WeightsError(
-            f"{path} does not match BiRefNet({model.backbone}): keys {parts}: "
+            f"{path} does not match BiRefNet({backbone}): keys {parts}: "
             "it is not a checkpoint of this network, or it is incomplete; pass the original file"
         )
     bad = [
@@ -317,11 +337,9 @@ def fill_derived(model: BiRefNet, sd: dict[str, torch.Tensor], path: Path) -> No
         k = bad[0]
         more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
         raise WeightsError(
-            f"{path}: {k} is {list(sd[k].shape)} {sd[k].dtype} in the checkpoint but BiRefNet({model.backbone}) "
+            f"{path}: {k} is {list(sd[k].shape)} {sd[k].dtype} in the checkpoint but BiRefNet({backbone}) "
             f"expects {list(own[k].shape)} {own[k].dtype}{more}: the file is for another network configuration"
         )
-    for k, v in own.items():
-        sd.setdefault(k, v)
 
 
 def few(keys: list[str], n: int = 5) -> str:

@@ -1,0 +1,212 @@
+"""Decode the first video stream of a file in a thread: upright RGB frames with their original timestamps.
+
+Rotation (the display matrix, or an old-style ``rotate`` tag) is applied here, so everything downstream (the
+model, backgrounds, PNG sequences) sees frames the right way up and outputs need no rotation metadata.
+Timestamps are never renumbered: each frame keeps its own ``pts`` in the stream's ``time_base``.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+VIDEO_SUFFIXES = {".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".mpg", ".mpeg", ".ts", ".mts", ".m2ts",
+                  ".flv", ".wmv", ".3gp", ".ogv", ".gif", ".y4m"}
+
+
+class MediaError(Exception):
+    """An input that cannot be used; the message is one line meant for the user."""
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    path: str
+    width: int  # after rotation
+    height: int
+    time_base: Fraction
+    rate: Fraction | None  # average frame rate; the timestamps are what count
+    frames: int  # frame count from the container, 0 if unknown (progress estimate only)
+    duration: float | None  # seconds
+    rotation: int  # counter-clockwise degrees applied to the stored pixels (0, 90, 180, 270)
+    color_range: int  # AVColorRange of the source: 0 unspecified, 1 limited (tv), 2 full (pc)
+    colorspace: int  # AVColorSpace
+    color_primaries: int
+    color_trc: int
+    sample_aspect_ratio: Fraction | None
+    codec: str
+    index: int  # the stream's index in the container
+
+
+@dataclass
+class Frame:
+    image: np.ndarray  # H x W x 3 uint8 RGB, upright
+    pts: int  # in VideoInfo.time_base
+    time: float  # seconds
+
+
+def open_input(path: str | Path) -> av.container.InputContainer:
+    """av.open with the reasons a user can act on turned into one-line MediaErrors."""
+    p = Path(path)
+    if not p.exists():
+        raise MediaError(f"{p}: no such file")
+    if p.is_dir():
+        raise MediaError(f"{p}: is a folder")
+    try:
+        return av.open(str(p), metadata_errors="replace")
+    except av.error.InvalidDataError:
+        raise MediaError(f"{p}: not a media file, or truncated (no readable header)") from None
+    except av.error.FFmpegError as exc:
+        raise MediaError(f"{p}: cannot open ({_reason(exc)})") from None
+
+
+def _reason(exc: BaseException) -> str:
+    return getattr(exc, "strerror", None) or str(exc) or exc.__class__.__name__
+
+
+def _rotation(frame: av.VideoFrame, stream) -> int:
+    deg = frame.rotation
+    if not deg:
+        tag = stream.metadata.get("rotate")  # clockwise degrees, written by older muxers
+        try:
+            deg = -int(float(tag)) if tag else 0
+        except ValueError:
+            deg = 0
+    turned = round(deg / 90) * 90
+    if turned != deg:
+        log.warning("rotation of %s degrees rounded to %s", deg, turned)
+    return turned % 360
+
+
+def upright(image: np.ndarray, rotation: int) -> np.ndarray:
+    """The frame turned counter-clockwise by `rotation` degrees, as players display it."""
+    if not rotation:
+        return image
+    return np.ascontiguousarray(np.rot90(image, rotation // 90))
+
+
+class VideoReader:
+    """Iterate over `Frame`s; decoding and RGB conversion run in a background thread.
+
+    The first frame is decoded in the constructor, so a file that cannot be decoded at all fails before any
+    output is created. Any later decode error, including a truncated file, ends the iteration with MediaError.
+    """
+
+    def __init__(self, path: str | Path, queue_size: int = 8):
+        self.path = str(path)
+        self.container = open_input(path)
+        videos = [s for s in self.container.streams.video if not s.disposition & av.stream.Disposition.attached_pic]
+        if not videos:
+            self.container.close()
+            raise MediaError(f"{path}: no video stream")
+        self.stream = stream = videos[0]
+        stream.thread_type = "AUTO"  # frame threads: decoding keeps up while the engine has the cores
+        self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
+        self._stop = threading.Event()
+        self._step = None
+        self._last_pts: int | None = None
+        self.decoded = 0
+        self._frames = self._decode()
+        try:
+            first = next(self._frames, None)
+        except BaseException:
+            self.container.close()
+            raise
+        if first is None:
+            self.container.close()
+            raise MediaError(f"{path}: the video stream has no decodable frames")
+        self.rotation = rotation = _rotation(first, stream)
+        h, w = (first.height, first.width) if rotation in (0, 180) else (first.width, first.height)
+        sar = stream.sample_aspect_ratio
+        if sar and rotation in (90, 270):
+            sar = 1 / sar
+        tb = stream.time_base or Fraction(1, 90000)
+        rate = stream.average_rate or stream.guessed_rate
+        duration = float(stream.duration * tb) if stream.duration else (
+            self.container.duration / 1e6 if self.container.duration else None)
+        frames = stream.frames or (round(duration * rate) if duration and rate else 0)
+        self.info = VideoInfo(
+            path=self.path, width=w, height=h, time_base=tb, rate=rate, frames=frames, duration=duration,
+            rotation=rotation, color_range=int(first.color_range), colorspace=int(first.colorspace),
+            color_primaries=int(first.color_primaries), color_trc=int(first.color_trc),
+            sample_aspect_ratio=sar, codec=stream.codec_context.name, index=stream.index,
+        )
+        self._first = self._convert(first)
+        self._thread = threading.Thread(target=self._run, name="rmbg-decode", daemon=True)
+        self._thread.start()
+
+    def _decode(self):
+        """av.VideoFrames in presentation order; corrupt data raises MediaError."""
+        try:
+            for packet in self.container.demux(self.stream):
+                if packet.is_corrupt:
+                    where = f" at {float(packet.pts * packet.time_base):.2f} s" if packet.pts is not None else ""
+                    raise MediaError(f"{self.path}: truncated or corrupt video data{where}")
+                yield from packet.decode()
+        except av.error.FFmpegError as exc:
+            raise MediaError(f"{self.path}: decode error after {self.decoded} frames ({_reason(exc)})") from None
+
+    def _convert(self, frame: av.VideoFrame) -> Frame:
+        pts = frame.pts if frame.pts is not None else frame.dts
+        if pts is None or (self._last_pts is not None and pts <= self._last_pts):
+            # No usable timestamp (raw streams, broken files): continue at the average rate. The only place a
+            # timestamp is made up; warned once because it changes timing.
+            if self._step is None:
+                rate = self.stream.average_rate or self.stream.guessed_rate or Fraction(25)
+                self._step = max(1, round(1 / (rate * (self.stream.time_base or Fraction(1, 90000)))))
+                log.warning("%s: missing or repeated timestamps, assuming a constant frame rate", self.path)
+            pts = 0 if self._last_pts is None else self._last_pts + self._step
+        self._last_pts = pts
+        self.decoded += 1
+        # The frame's own colour range and matrix drive the conversion (full-range phone video stays right).
+        rgb = frame.to_ndarray(format="rgb24")
+        tb = frame.time_base or self.stream.time_base or Fraction(1, 90000)
+        return Frame(upright(rgb, self.rotation), pts, float(pts * tb))
+
+    def _put(self, item) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def _run(self) -> None:
+        try:
+            if not self._put(self._first):
+                return
+            for frame in self._frames:
+                if self._stop.is_set() or not self._put(self._convert(frame)):
+                    return
+            self._put(None)
+        except BaseException as exc:  # handed to the consumer: the reader thread must not die silently
+            self._put(exc)
+
+    def __iter__(self):
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.container.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

@@ -1,0 +1,412 @@
+"""Encode frames to a video file or a PNG sequence, in a thread, with the source's audio and subtitles.
+
+Outputs are atomic: everything is written to a hidden temporary file (or folder) beside the target and renamed
+onto it only when complete, so an interrupt, a crash or an error never leaves a partial output behind.
+
+Timestamps are the source's: each frame is encoded with the pts it came with, in the source stream's time base
+(Matroska/WebM store milliseconds, so there they are rounded to 1 ms). Colour range and matrix are the source's
+too (limited range when the source does not say). Odd sizes are kept: 4:2:0 needs even sizes, so an odd-sized
+frame is encoded 4:4:4 rather than padded or cropped.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import shutil
+import tempfile
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import av
+import numpy as np
+from av.video.reformatter import VideoReformatter
+
+from .reader import VideoInfo
+
+log = logging.getLogger(__name__)
+
+CONTAINERS = {".mp4": "mp4", ".m4v": "mp4", ".mov": "mov", ".mkv": "matroska", ".webm": "webm"}
+ALPHA_SUFFIXES = {".mov", ".webm"}  # plus PNG sequences
+PNG_PATTERN = "frame_%05d.png"
+
+# (default codec, default codec when the frames have alpha, audio codec when the source's cannot be copied)
+DEFAULTS = {
+    "mp4": ("libx264", None, "aac"),
+    "mov": ("libx264", "prores_ks", "aac"),
+    "matroska": ("libx264", None, "libopus"),
+    "webm": ("libvpx-vp9", "libvpx-vp9", "libopus"),
+}
+ALPHA_PIX = ("yuva444p10le", "yuva444p12le", "yuva420p", "yuva444p", "rgba", "bgra", "gbrap", "argb")
+EVEN_PIX = ("yuv420p", "yuv422p10le", "yuv444p")
+ODD_PIX = ("yuv444p", "yuv444p10le", "gbrp", "rgb24", "yuv420p")  # VP9 keeps odd sizes in 4:2:0 too
+# The swscale matrix for each AVColorSpace we can write; anything else (unspecified) uses swscale's default.
+SWS_MATRIX = {1: "ITU709", 4: "FCC", 5: "ITU601", 6: "SMPTE170M", 7: "SMPTE240M", 9: "BT2020", 10: "BT2020"}
+
+
+def is_png_sequence(path: str | Path) -> bool:
+    p = Path(path)
+    return p.is_dir() or p.suffix == ""
+
+
+def alpha_capable(path: str | Path) -> bool:
+    return is_png_sequence(path) or Path(path).suffix.lower() in ALPHA_SUFFIXES
+
+
+@dataclass
+class Target:
+    path: Path
+    format: str | None  # muxer name; None for a PNG sequence
+    codec: str | None = None
+    pix_fmt: str | None = None
+    options: dict = field(default_factory=dict)
+    bit_rate: int | None = None
+    notes: list[str] = field(default_factory=list)  # warnings for the user, given once the output is opened
+
+
+def plan(path: str | Path, mode: str, width: int, height: int, codec: str | None = None,
+         crf: int | None = None) -> Target:
+    """Container, codec, pixel format and options for `mode` ('rgb', 'rgba' or 'gray' frames); ValueError with
+    one line when the combination cannot work (e.g. transparency in an .mp4)."""
+    path = Path(path)
+    if is_png_sequence(path):
+        return Target(path, None)
+    suffix = path.suffix.lower()
+    if suffix not in CONTAINERS:
+        raise ValueError(f"{path}: unsupported output type {suffix!r}: use .mp4 .m4v .mov .mkv .webm, "
+                         "or a folder for a PNG sequence")
+    fmt = CONTAINERS[suffix]
+    plain, with_alpha, _ = DEFAULTS[fmt]
+    alpha = mode == "rgba"
+    if codec is None:
+        codec = with_alpha if alpha else plain
+        if codec is None:
+            raise ValueError(f"{path}: {suffix} cannot hold transparency: write .mov (ProRes 4444), .webm (VP9) "
+                             "or a PNG folder, or pick a --background")
+    try:
+        supported = [f.name for f in av.Codec(codec, "w").video_formats or ()]
+    except (av.error.FFmpegError, ValueError):
+        raise ValueError(f"unknown video encoder {codec!r}") from None
+    odd = width % 2 or height % 2
+    wanted = ALPHA_PIX if alpha else (ODD_PIX if odd else EVEN_PIX)
+    pix = next((p for p in wanted if p in supported), None)
+    if pix is None:
+        if alpha:
+            raise ValueError(f"encoder {codec} cannot store transparency; use prores_ks (.mov) or libvpx-vp9 (.webm)")
+        pix = supported[0] if supported else "yuv420p"
+    target = Target(path, fmt, codec, pix)
+    if odd and pix.startswith("yuv444"):
+        target.notes.append(f"odd frame size {width}x{height}: encoded 4:4:4 to keep it exactly "
+                            "(some players only play 4:2:0)")
+    if codec in ("libx264", "libx265"):
+        # 'fast' keeps the encoder far below the engine's cost at a size barely above 'medium'.
+        target.options = {"preset": "fast", "crf": str(18 if crf is None else crf)}
+    elif codec == "libvpx-vp9":
+        target.options = {"crf": str(30 if crf is None else crf), "deadline": "good", "cpu-used": "4", "row-mt": "1"}
+        target.bit_rate = 0  # constant quality: VP9 only honours crf without a bit rate
+    elif codec == "prores_ks":
+        target.options = {"profile": "4" if alpha else "3", "vendor": "apl0"}  # 4444 / HQ
+        if crf is not None:
+            target.notes.append("--crf has no effect on prores_ks")
+    elif crf is not None:
+        target.options = {"crf": str(crf)}
+    return target
+
+
+def _temp_beside(dest: Path, folder: bool) -> Path:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if folder:
+        return Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent))
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
+    os.close(fd)
+    return Path(tmp)
+
+
+def check_png_folder(dest: Path) -> None:
+    """A PNG sequence replaces an earlier one, never a folder holding anything else."""
+    if dest.exists() and not dest.is_dir():
+        raise ValueError(f"{dest}: exists and is not a folder")
+    if dest.is_dir():
+        strangers = [p.name for p in dest.iterdir() if not (p.name.startswith("frame_") and p.suffix == ".png")]
+        if strangers:
+            raise ValueError(f"{dest}: folder holds other files ({strangers[0]}, ...); choose an empty or new folder")
+
+
+class _Passthrough:
+    """The source's audio and subtitle streams: copied where the container takes the codec, audio re-encoded
+    otherwise, anything else dropped with a warning. Packets are muxed in step with the video, so the output
+    stays interleaved."""
+
+    def __init__(self, source: str, out: av.container.OutputContainer, video_index: int, audio_codec: str,
+                 warn):
+        self.src = av.open(source, metadata_errors="replace")
+        self.out = out
+        self.routes: dict[int, tuple] = {}  # input index -> (output stream, re-encode?)
+        kind = out.format.name.split(",")[0]
+        for s in self.src.streams:
+            if s.index == video_index:
+                continue
+            name = s.codec_context.name if s.codec_context is not None else (s.codec.name if s.codec else "?")
+            what = f"{s.type} stream #{s.index} ({name})"
+            if s.type == "video":
+                warn(f"{what} dropped: only the first video stream is processed")
+                continue
+            if s.type not in ("audio", "subtitle"):
+                warn(f"{what} dropped: {s.type} streams are not copied")
+                continue
+            try:
+                o = out.add_stream_from_template(s)
+                self.routes[s.index] = (o, False)
+            except (ValueError, av.error.FFmpegError):
+                if s.type != "audio":
+                    warn(f"{what} dropped: {kind} cannot hold {name} subtitles")
+                    continue
+                o = self._audio_encoder(s, audio_codec)
+                self.routes[s.index] = (o, True)
+                warn(f"{what} re-encoded as {audio_codec}: {kind} cannot hold {name}")
+            o.metadata.update({k: v for k, v in s.metadata.items() if k.lower() in ("language", "title")})
+            o.disposition = s.disposition
+        self.packets = self.src.demux([self.src.streams[i] for i in self.routes]) if self.routes else iter(())
+        self.pending = None
+
+    def _audio_encoder(self, s, codec: str):
+        rates = av.Codec(codec, "w").audio_rates
+        rate = s.rate if not rates or s.rate in rates else 48000
+        layout = s.layout.name if s.layout.nb_channels <= 2 else "stereo"
+        o = self.out.add_stream(codec, rate=rate, layout=layout)
+        if codec == "aac" or codec == "libopus":
+            o.bit_rate = 128000 if s.layout.nb_channels <= 2 else 192000
+        return o
+
+    def pump(self, until: float | None) -> None:
+        """Mux every source packet up to `until` seconds (all that is left for None)."""
+        while True:
+            if self.pending is None:
+                self.pending = next(self.packets, None)
+                if self.pending is None:
+                    return
+            p = self.pending
+            ts = p.dts if p.dts is not None else p.pts
+            if until is not None and ts is not None and float(ts * p.time_base) > until:
+                return
+            self.pending = None
+            o, encode = self.routes[p.stream.index]
+            if encode:
+                for frame in p.decode():  # an empty packet flushes the decoder
+                    frame.pts = None  # the encoder counts samples; source gaps are not worth a resync here
+                    self.out.mux(o.encode(frame))
+            elif p.size:
+                p.stream = o
+                self.out.mux(p)
+
+    def finish(self) -> None:
+        self.pump(None)
+        for o, encode in self.routes.values():
+            if encode:
+                self.out.mux(o.encode(None))
+
+    def close(self) -> None:
+        self.src.close()
+
+
+_STOP = object()
+
+
+class VideoWriter:
+    """`write(image, pts)` frames (H x W x 3 RGB, H x W x 4 RGBA or H x W grey uint8, per `mode`), then
+    `close()` to finish and rename onto the target, or `abort()` to leave nothing. Encoding and muxing run in a
+    thread; an error there is raised by the next `write` or by `close`."""
+
+    def __init__(self, path: str | Path, info: VideoInfo, mode: str = "rgb", *, codec: str | None = None,
+                 crf: int | None = None, copy_from: str | None = None, queue_size: int = 8):
+        self.info = info
+        self.mode = mode
+        self.target = plan(path, mode, info.width, info.height, codec, crf)
+        self.path = self.target.path
+        self.warnings: list[str] = []
+        self.written = 0
+        self.error: BaseException | None = None
+        self.container = self.passthrough = None
+        self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
+        self._stop = threading.Event()
+        self.png = self.target.format is None
+        for note in self.target.notes:
+            self._warn(note)
+        if self.png:
+            check_png_folder(self.path)
+        self.tmp = _temp_beside(self.path, self.png)
+        try:
+            if self.png:
+                if copy_from:
+                    self._note_dropped(copy_from)
+            else:
+                self._open(copy_from)
+        except BaseException:
+            self._discard()
+            raise
+        self._thread = threading.Thread(target=self._run, name="rmbg-encode", daemon=True)
+        self._thread.start()
+
+    def _warn(self, text: str) -> None:
+        self.warnings.append(text)
+        log.warning("%s: %s", Path(self.info.path).name, text)
+
+    def _note_dropped(self, source: str) -> None:
+        with av.open(source, metadata_errors="replace") as src:
+            for s in src.streams:
+                if s.index != self.info.index and s.type in ("audio", "subtitle", "data"):
+                    self._warn(f"{s.type} stream #{s.index} dropped: a PNG sequence has no {s.type}")
+
+    def _open(self, copy_from: str | None) -> None:
+        t, info = self.target, self.info
+        self.container = out = av.open(str(self.tmp), "w", format=t.format)
+        vs = out.add_stream(t.codec, rate=info.rate or 30, options=t.options)
+        vs.width, vs.height, vs.pix_fmt = info.width, info.height, t.pix_fmt
+        # The source's time base, so every pts goes through unchanged.
+        vs.time_base = info.time_base
+        vs.codec_context.time_base = info.time_base
+        if t.bit_rate is not None:
+            vs.bit_rate = t.bit_rate
+        cc = vs.codec_context
+        self.color_range = info.color_range or 1  # unspecified: the limited range every decoder assumes
+        cc.color_range = self.color_range
+        cc.colorspace, cc.color_primaries, cc.color_trc = info.colorspace, info.color_primaries, info.color_trc
+        if info.sample_aspect_ratio:
+            cc.sample_aspect_ratio = info.sample_aspect_ratio
+        self.video = vs
+        self.sws = VideoReformatter()
+        self.matrix = SWS_MATRIX.get(info.colorspace)
+        if copy_from:
+            self.passthrough = _Passthrough(copy_from, out, info.index, DEFAULTS[t.format][2], self._warn)
+            # Title, creation time, location...; the brand and encoder tags describe the old file, not this one.
+            out.metadata.update({k: v for k, v in self.passthrough.src.metadata.items()
+                                 if k.lower() not in ("major_brand", "minor_version", "compatible_brands", "encoder")})
+
+    # -- producer side
+    def write(self, image: np.ndarray, pts: int) -> None:
+        while True:
+            if self.error is not None:
+                raise self.error
+            try:
+                self._queue.put((image, pts), timeout=0.1)
+                return
+            except queue.Full:
+                pass
+
+    def close(self, expected: int | None = None) -> Path:
+        """Finish encoding, close the file and move it onto the target; returns the target path. With
+        `expected`, a frame count other than that is an error (nothing is left at the target)."""
+        if self.error is None:
+            self._queue.put(_STOP)
+        self._thread.join()
+        if self.error is None and expected is not None and self.written != expected:
+            self.error = RuntimeError(f"wrote {self.written} frames, expected {expected}")
+        if self.error is not None:
+            self._discard()
+            raise self.error
+        try:
+            if self.passthrough is not None:
+                self.passthrough.close()
+            if self.container is not None:
+                self.container.close()
+            self._commit()
+        except BaseException:
+            self._discard()
+            raise
+        return self.path
+
+    def abort(self) -> None:
+        self._stop.set()
+        while True:
+            try:
+                self._queue.get_nowait()
+            except queue.Empty:
+                break
+        self._thread.join()
+        self._discard()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, *exc):
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+    # -- encoder thread
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                try:
+                    item = self._queue.get(timeout=0.1)
+                except queue.Empty:
+                    continue
+                if item is _STOP:
+                    self._finish()
+                    return
+                self._encode(*item)
+                self.written += 1
+        except BaseException as exc:
+            self.error = exc
+            # Keep taking frames so a producer blocked on a full queue sees the error instead of hanging.
+            while not self._stop.is_set():
+                try:
+                    if self._queue.get(timeout=0.1) is _STOP:
+                        return
+                except queue.Empty:
+                    pass
+
+    def _encode(self, image: np.ndarray, pts: int) -> None:
+        if self.png:
+            from PIL import Image
+
+            mode = {"rgb": "RGB", "rgba": "RGBA", "gray": "L"}[self.mode]
+            # Level 1: several times faster than the default and only slightly larger.
+            Image.fromarray(image, mode).save(self.tmp / (PNG_PATTERN % (self.written + 1)), compress_level=1)
+            return
+        fmt = {"rgb": "rgb24", "rgba": "rgba", "gray": "gray"}[self.mode]
+        frame = av.VideoFrame.from_ndarray(image, format=fmt)
+        frame = self.sws.reformat(frame, format=self.target.pix_fmt, dst_colorspace=self.matrix,
+                                  dst_color_range=self.color_range)
+        frame.pts = pts
+        frame.time_base = self.info.time_base
+        self.container.mux(self.video.encode(frame))
+        if self.passthrough is not None:
+            self.passthrough.pump(float(pts * self.info.time_base))
+
+    def _finish(self) -> None:
+        if self.png:
+            return
+        self.container.mux(self.video.encode(None))
+        if self.passthrough is not None:
+            self.passthrough.finish()
+
+    # -- the temporary file
+    def _commit(self) -> None:
+        if not self.png:
+            os.replace(self.tmp, self.path)
+            return
+        if self.path.is_dir():
+            # An earlier sequence (checked to hold only frames) is swapped out, then removed.
+            old = _temp_beside(self.path, folder=True)
+            os.replace(self.path, old / "old")
+            os.replace(self.tmp, self.path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(self.tmp, self.path)
+
+    def _discard(self) -> None:
+        for closing in (self.passthrough, self.container):
+            if closing is not None:
+                try:
+                    closing.close()
+                except Exception:  # already failing: the temporary file goes either way
+                    pass
+        self.passthrough = self.container = None
+        if self.tmp.is_dir():
+            shutil.rmtree(self.tmp, ignore_errors=True)
+        else:
+            self.tmp.unlink(missing_ok=True)
