@@ -1,3 +1,10 @@
 """rmbg-stream: real-time background removal for video with RMBG-2.0 / BiRefNet."""
 
+import os
+
+# OpenMP threads that spin while waiting make every small torch op 10-50x slower as soon as another
+# process (a browser, an encoder, a second session) holds a core; sleeping waiters cost almost nothing.
+# It has to be set before torch loads its OpenMP runtime.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 __version__ = "0.1.0"

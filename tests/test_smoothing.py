@@ -152,3 +152,13 @@ def test_no_host_reads():
     sm = TemporalSmoother()
     sm(a[:1], f[:1], 0.8)
     assert sm(a[:1], f[:1], 0.8).shape == (1, 1, N, N) and cut.shape == (2,)
+
+
+@pytest.mark.parametrize("gate", [32, 16])
+def test_figures_hold_when_the_gate_runs_on_a_coarse_grid(monkeypatch, gate):
+    """Large frames compute the motion gate on a coarse grid (scale 2 and 4 here); the figures must not move."""
+    import rmbg_stream.engine.smoothing as smoothing
+
+    monkeypatch.setattr(smoothing, "_GATE", gate)
+    test_still_scene_flicker_cut_by_more_than_half()
+    test_moving_edge_lags_at_most_one_frame()

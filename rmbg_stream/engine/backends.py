@@ -49,19 +49,18 @@ class ChromaBackend:
         self.resolution = None
         self.device = device
         self.dtype = torch.float32
-        self.key_cbcr = self._cbcr(torch.tensor(key, dtype=torch.float32, device=device).view(1, 3, 1, 1) / 255)
+        # RGB -> (Cb, Cr) as a 1x1 convolution whose bias subtracts the key: one pass over the frame.
+        m = torch.tensor([[-0.168736, -0.331264, 0.5], [0.5, -0.418688, -0.081312]], device=device)
+        self.weight = m.view(2, 3, 1, 1)
+        self.bias = -(m @ (torch.tensor(key, dtype=torch.float32, device=device) / 255))
         self.tolerance = tolerance
         self.softness = softness
 
-    @staticmethod
-    def _cbcr(x: torch.Tensor) -> torch.Tensor:
-        r, g, b = x[:, 0:1], x[:, 1:2], x[:, 2:3]
-        return torch.cat([-0.168736 * r - 0.331264 * g + 0.5 * b, 0.5 * r - 0.418688 * g - 0.081312 * b], 1)
-
     @torch.inference_mode()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        dist = (self._cbcr(x) - self.key_cbcr).norm(dim=1, keepdim=True)
-        return ((dist - self.tolerance) / self.softness).clamp_(0, 1)
+        d = torch.nn.functional.conv2d(x, self.weight, self.bias)
+        dist = d.square_().sum(1, keepdim=True).sqrt_()
+        return dist.sub_(self.tolerance).div_(self.softness).clamp_(0, 1)
 
 
 def create_backend(name: str, device: torch.device, precision: str = "auto",

@@ -21,6 +21,8 @@ import torch.nn.functional as F
 
 # Side of the thumbnail the scene-cut test compares; coarse so that ordinary motion barely changes it.
 _THUMB = 32
+# Side of the coarse grid the motion gate is computed on.
+_GATE = 128
 
 
 def grey(frames: torch.Tensor) -> torch.Tensor:
@@ -42,7 +44,16 @@ def _smoothstep(x: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
 
 
 def _box(x: torch.Tensor, r: int) -> torch.Tensor:
-    return F.avg_pool2d(x, 2 * r + 1, 1, r, count_include_pad=False) if r > 0 else x
+    # Separable: two 1-D passes cost 2(2r+1) reads per pixel instead of (2r+1)^2.
+    if r <= 0:
+        return x
+    x = F.avg_pool2d(x, (1, 2 * r + 1), 1, (0, r), count_include_pad=False)
+    return F.avg_pool2d(x, (2 * r + 1, 1), 1, (r, 0), count_include_pad=False)
+
+
+def _dilate(x: torch.Tensor, r: int) -> torch.Tensor:
+    x = F.max_pool2d(x, (1, 2 * r + 1), 1, (0, r))
+    return F.max_pool2d(x, (2 * r + 1, 1), 1, (r, 0))
 
 
 def smooth_batch(
@@ -88,16 +99,33 @@ def smooth_batch(
     pa = torch.where(hp, prev_alphas, alphas)
     pg = torch.where(hp, grey(prev_frames), g)
 
-    thumb_diff = (F.adaptive_avg_pool2d(g, _THUMB) - F.adaptive_avg_pool2d(pg, _THUMB)).abs().mean((1, 2, 3))
+    # The gate only needs blurred quantities, so it is computed on a grid of at most ~_GATE pixels a side and
+    # upsampled: large frames cost a few full-resolution passes instead of dozens.
+    h, w = alphas.shape[-2:]
+    scale = max(1, min(h, w) // _GATE)
+    coarse = (-(-h // scale), -(-w // scale))
+    r = max(1, round(radius / scale)) if scale > 1 else radius
+    dg = (g - pg).abs()
+    da = alphas - pa
+    if scale > 1:
+        dg = F.adaptive_avg_pool2d(dg, coarse)
+        da = F.adaptive_avg_pool2d(da, coarse)
+        g_small, pg_small = F.adaptive_avg_pool2d(g, coarse), F.adaptive_avg_pool2d(pg, coarse)
+    else:
+        g_small, pg_small = g, pg
+    thumbs = F.adaptive_avg_pool2d(g_small, _THUMB) - F.adaptive_avg_pool2d(pg_small, _THUMB)
+    thumb_diff = thumbs.abs().mean((1, 2, 3))
     cut = has_prev & (thumb_diff > cut_threshold)
 
     # Blur averages sensor noise down to its mean before the threshold; the dilation then covers the soft alpha
     # band around a moving edge, which extends past the pixels whose colour changed.
-    motion = F.max_pool2d(_box((g - pg).abs(), radius), 4 * radius + 1, 1, 2 * radius)
+    motion = _dilate(_box(dg, r), 2 * r)
     # Signed blur: jitter and isolated flips average out, an edge that really moved (even with no colour
     # contrast to see it in the image) does not.
-    change = _box(alphas - pa, radius).abs()
+    change = _box(da, r).abs()
     gate = torch.maximum(_smoothstep(motion, motion_low, motion_high), _smoothstep(change, change_low, change_high))
+    if scale > 1:
+        gate = F.interpolate(gate, size=(h, w), mode="bilinear", align_corners=False)
     weight = (1 - keep * (1 - gate)).to(alphas.dtype)
     out = torch.lerp(pa, alphas, weight)  # exact at weight 1, so strength 0 returns the raw alpha
     out = torch.where(hp & ~cut.view(b, 1, 1, 1), out, alphas)
