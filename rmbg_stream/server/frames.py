@@ -40,11 +40,6 @@ def stacked_i420(rgb: np.ndarray, alpha: np.ndarray) -> np.ndarray:
     return out
 
 
-def stacked_rgb(rgb: np.ndarray, alpha: np.ndarray) -> np.ndarray:
-    """The same layout in RGB, for the image codecs of the WebSocket path."""
-    return np.concatenate([rgb, np.repeat(alpha[:, :, None], 3, axis=2)], axis=0)
-
-
 def video_frame(i420: np.ndarray) -> av.VideoFrame:
     return av.VideoFrame.from_ndarray(i420, format="yuv420p")
 

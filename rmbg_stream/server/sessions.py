@@ -1,0 +1,420 @@
+"""Sessions: one per connected client, all feeding the one engine, which batches their frames together.
+
+Flow control is latest-frame-wins at every hand-off, so latency stays bounded when the model is slower than the
+camera: the receive side gives the engine only the newest frame (its live streams drop older waiting ones), and the
+send side takes only the newest result (results overtaken while the encoder was busy are skipped and counted).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import inspect
+import io
+import json
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from ..engine.composite import Background, parse_background
+from ..engine.engine import Engine, Result, StreamOptions, as_rgb
+from .metrics import Histogram, Meter
+
+log = logging.getLogger(__name__)
+
+UPLOAD_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
+UPLOAD_MAX_PIXELS = 50_000_000  # checked on the header, before anything is decoded
+BACKGROUND_MAX_SIDE = 4096  # larger uploads are scaled down: the engine fits them to the frame anyway
+CONTROL_LIMIT = 64 * 1024  # a JSON control message (data URLs go over HTTP or the socket, whose limits are larger)
+
+
+class Full(Exception):
+    pass
+
+
+class Closed(Exception):
+    pass
+
+
+class ControlError(ValueError):
+    """A control or upload the client got wrong: the message goes back to it as is."""
+
+
+@dataclass
+class Tag:
+    """Travels with a frame through the engine (as its meta)."""
+
+    arrived: float  # when the server had the frame (monotonic)
+    rgb: np.ndarray | None = None  # the input colour, kept while an OBS view needs it
+    seq: int = 0  # WebSocket: the client's sequence number and timestamp, echoed back
+    timestamp: float = 0.0
+    fmt: int = 0
+
+
+class Latest:
+    """Newest-value-wins hand-off to asyncio consumers: a slow consumer skips values, nothing ever queues."""
+
+    def __init__(self):
+        self.value = None
+        self.version = 0
+        self.closed = False
+        self._waiter: asyncio.Future | None = None
+
+    def put(self, value) -> None:
+        self.value = value
+        self.version += 1
+        self._wake()
+
+    def close(self) -> None:
+        self.closed = True
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+        self._waiter = None
+
+    async def get(self, seen: int):
+        """The newest value once its version is past `seen`: (value, version). Raises Closed."""
+        while self.version == seen and not self.closed:
+            if self._waiter is None:
+                self._waiter = asyncio.get_running_loop().create_future()
+            # Shielded: several consumers share the future, one being cancelled must not wake the others.
+            await asyncio.shield(self._waiter)
+        if self.closed:
+            raise Closed
+        return self.value, self.version
+
+
+def describe(bg: Background) -> str:
+    if bg.kind == "color":
+        return "#" + "".join(f"{c:02x}" for c in bg.color)
+    if bg.kind == "blur":
+        return f"blur:{bg.strength:g}"
+    return bg.kind
+
+
+def decode_upload(data: bytes, limit: int) -> Image.Image:
+    """An uploaded background: size limit first, then the type from PIL's own sniffing, never the file name."""
+    if len(data) > limit:
+        raise ControlError(f"image of {len(data)} bytes is over the {limit} byte upload limit")
+    try:
+        img = Image.open(io.BytesIO(data))
+    except Exception:
+        raise ControlError(f"not an image: upload {', '.join(UPLOAD_FORMATS)}") from None
+    if img.format not in UPLOAD_FORMATS:
+        raise ControlError(f"{img.format} images are not accepted: upload {', '.join(UPLOAD_FORMATS)}")
+    if img.width * img.height > UPLOAD_MAX_PIXELS:
+        raise ControlError(f"image of {img.width}x{img.height} pixels is too large (at most {UPLOAD_MAX_PIXELS})")
+    try:
+        img.load()
+        img = img.convert("RGB")
+    except Exception as exc:
+        raise ControlError(f"the {img.format} image is damaged: {exc}") from None
+    img.thumbnail((BACKGROUND_MAX_SIDE, BACKGROUND_MAX_SIDE))
+    return img
+
+
+def decode_data_url(text, limit: int) -> bytes:
+    if not isinstance(text, str) or not text.startswith("data:") or ";base64," not in text:
+        raise ControlError('"image" must be a data URL (data:image/...;base64,...)')
+    payload = text.split(";base64,", 1)[1]
+    if len(payload) > limit * 4 // 3 + 4:
+        raise ControlError(f"image is over the {limit} byte upload limit")
+    try:
+        return base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise ControlError("the data URL is not valid base64") from None
+
+
+def parse_control(message, limit: int = CONTROL_LIMIT) -> dict:
+    if isinstance(message, bytes):
+        raise ControlError("controls are JSON text messages")
+    if len(message) > limit:
+        raise ControlError(f"control message of {len(message)} bytes is over the {limit} byte limit")
+    try:
+        msg = json.loads(message)
+    except ValueError as exc:
+        raise ControlError(f"control message is not JSON: {exc}") from None
+    if not isinstance(msg, dict) or not isinstance(msg.get("type"), str):
+        raise ControlError('a control message is a JSON object with a "type"')
+    return msg
+
+
+class Session:
+    """One client. kind: "webrtc" or "websocket" (a camera with its own engine stream), or "viewer" (an OBS page
+    that shows the output of a camera session, colour over alpha)."""
+
+    def __init__(self, manager: SessionManager, kind: str, source: Session | None = None):
+        self.id = secrets.token_urlsafe(12)
+        self.kind = kind
+        self.manager = manager
+        self.loop = asyncio.get_running_loop()
+        self.created = time.monotonic()
+        self.source = source
+        self.viewers: set[Session] = set()
+        self.results = Latest()
+        self.paused = False
+        self.closed = False
+        self.background = manager.background
+        self.smoothing = manager.smoothing
+        self.mask_view = False
+        self.upload: Path | None = None
+        self.fps_in, self.fps_out = Meter(), Meter()
+        self.latency = Histogram()
+        self.received = self.skipped = self.sent = self.superseded = 0
+        self.tasks: set[asyncio.Task] = set()
+        self.on_close: list[Callable] = []
+        self.stream = None
+        if kind != "viewer":
+            options = StreamOptions(background=self.background, smoothing=self.smoothing, image=True, alpha=False)
+            self.stream = manager.engine.open_stream(live=True, options=options, max_in_flight=2,
+                                                     on_result=self._on_result)
+
+    # -- frames in
+    def arrived(self, now: float) -> None:
+        """Counts a frame from the client, whether or not it gets processed."""
+        self.received += 1
+        self.fps_in.tick(now)
+
+    def submit(self, frame, tag: Tag) -> None:
+        """Called on the event loop with a decoded frame (av.VideoFrame or RGB array); never blocks."""
+        if self.paused or self.closed:
+            return
+        rgb = as_rgb(frame)
+        if self.viewers:
+            tag.rgb = rgb
+        self.stream.submit(rgb, pts=tag.arrived, meta=tag)
+
+    def _on_result(self, result: Result) -> None:
+        # The engine's thread: hop to the loop, which owns everything else.
+        with contextlib.suppress(RuntimeError):  # the loop is gone: the server is shutting down
+            self.loop.call_soon_threadsafe(self._publish, result)
+
+    def _publish(self, result: Result) -> None:
+        if not self.closed:
+            self.results.put(result)
+
+    # -- frames out
+    def sent_result(self, result: Result, skipped: int) -> None:
+        """Book-keeping for a result handed to the encoder; `skipped` results were overtaken before it."""
+        self.sent += 1
+        self.superseded += max(0, skipped)
+        self.fps_out.tick()
+        latency = time.monotonic() - result.meta.arrived
+        self.latency.observe(latency)
+        self.manager.latency.observe(latency)
+
+    # -- controls
+    async def control(self, msg: dict) -> dict:
+        kind = msg["type"]
+        if kind == "ping":
+            return {"type": "pong", "t": msg.get("t")}
+        if kind == "stats":
+            return self.stats_message()
+        if self.kind == "viewer":
+            raise ControlError("an OBS view has no controls of its own; change them on the camera page")
+        value = msg.get("value")
+        if kind == "background":
+            if "image" in msg:
+                await self.upload_image(decode_data_url(msg["image"], self.manager.upload_limit))
+            else:
+                self.set_background(self._background(value))
+        elif kind == "smoothing":
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+                raise ControlError("smoothing takes a number from 0 to 1")
+            self.smoothing = float(value)
+            self.stream.set_options(smoothing=self.smoothing)
+        elif kind in ("mask_view", "pause"):
+            if not isinstance(value, bool):
+                raise ControlError(f"{kind} takes true or false")
+            if kind == "pause":
+                self.paused = value
+            else:
+                self.mask_view = value
+                self.stream.set_options(mask_view=value)
+        else:
+            raise ControlError(f"unknown control {kind!r}: expected background, smoothing, mask_view, pause, "
+                               "ping or stats")
+        return {"type": "ok", "control": kind, "state": self.state()}
+
+    def _background(self, value) -> Background:
+        if value == "upload":
+            if self.upload is None:
+                raise ControlError("no image uploaded in this session yet")
+            return Background("image", path=str(self.upload))
+        if not isinstance(value, str):
+            raise ControlError('background takes a string: "#rrggbb", a colour name, "blur", "blur:0.3", '
+                               '"transparent", "none" or "upload"')
+        try:
+            bg = parse_background(value)
+        except ValueError as exc:
+            raise ControlError(str(exc)) from None
+        if bg.kind in ("image", "video"):
+            # A path would let a client make the server open any file: images come in as uploads only.
+            raise ControlError("backgrounds cannot name server files; upload an image instead")
+        return bg
+
+    def set_background(self, bg: Background) -> None:
+        self.background = bg
+        self.stream.set_options(background=bg)
+
+    async def upload_image(self, data: bytes) -> dict:
+        """Checks, decodes and stores an uploaded background (off the event loop), then shows it."""
+        path = await self.loop.run_in_executor(None, self.manager.save_upload, self.id, data)
+        if self.closed:
+            path.unlink(missing_ok=True)
+            raise ControlError("the session has ended")
+        old, self.upload = self.upload, path
+        self.set_background(Background("image", path=str(path)))
+        if old is not None:
+            self.manager.discard_upload(old)
+        return {"type": "ok", "control": "background", "state": self.state()}
+
+    def state(self) -> dict:
+        bg = self.background
+        name = "upload" if bg.kind == "image" and bg.path == str(self.upload) else describe(bg)
+        return {"background": name, "smoothing": self.smoothing, "mask_view": self.mask_view, "paused": self.paused}
+
+    def dropped(self) -> int:
+        engine_dropped = self.stream.dropped if self.stream is not None else 0
+        return self.skipped + engine_dropped + self.superseded
+
+    def stats(self) -> dict:
+        p50, p95 = self.latency.quantile(0.5), self.latency.quantile(0.95)
+        return {"session": self.id, "kind": self.kind, "fps_in": round(self.fps_in.rate(), 1),
+                "fps_out": round(self.fps_out.rate(), 1), "received": self.received, "sent": self.sent,
+                "dropped": self.dropped(), "latency_ms_p50": None if p50 is None else round(p50 * 1000, 1),
+                "latency_ms_p95": None if p95 is None else round(p95 * 1000, 1),
+                "batch": self.manager.engine.stats()["last_batch_size"]}
+
+    def stats_message(self) -> dict:
+        return {"type": "stats", **self.stats(), "state": self.state() if self.kind != "viewer" else None}
+
+    # -- viewers (OBS)
+    def attach(self, viewer: Session) -> None:
+        self.viewers.add(viewer)
+        self.stream.set_options(alpha=True)
+
+    def detach(self, viewer: Session) -> None:
+        self.viewers.discard(viewer)
+        if not self.viewers and self.stream is not None:
+            self.stream.set_options(alpha=False)
+
+    # -- lifetime
+    def spawn(self, coro) -> asyncio.Task:
+        task = asyncio.ensure_future(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task) -> None:
+        self.tasks.discard(task)
+        # Closed is how a loop waiting on a hand-off learns that it is over: not a failure.
+        if not task.cancelled() and task.exception() is not None and not isinstance(task.exception(), Closed):
+            log.error("session %s: task failed", self.id, exc_info=task.exception())
+            self.spawn(self.close())
+
+    async def close(self) -> None:
+        """Idempotent; leaves no engine stream, task or connection behind."""
+        if self.closed:
+            return
+        self.closed = True
+        self.manager._remove(self)
+        if self.stream is not None:
+            self.stream.close()
+        self.results.close()
+        me = asyncio.current_task()
+        tasks = [t for t in self.tasks if t is not me]
+        for t in tasks:
+            t.cancel()
+        for fn in self.on_close:
+            try:
+                r = fn()
+                if inspect.isawaitable(r):
+                    await r
+            except Exception:
+                log.exception("session %s: error while closing", self.id)
+        for v in list(self.viewers):
+            await v.close()
+        if self.source is not None:
+            self.source.detach(self)
+        if self.upload is not None:
+            self.manager.discard_upload(self.upload)
+        await asyncio.gather(*tasks, return_exceptions=True)
+        log.info("session %s (%s) closed", self.id, self.kind)
+
+
+class SessionManager:
+    def __init__(self, engine: Engine, *, max_sessions: int, background: Background, upload_dir: Path,
+                 smoothing: float = 0.5, upload_limit: int = 8 * 2**20):
+        self.engine = engine
+        self.max_sessions = max_sessions
+        self.background = background
+        self.smoothing = smoothing
+        self.upload_dir = Path(upload_dir)
+        self.upload_limit = upload_limit
+        self.sessions: dict[str, Session] = {}
+        self.latency = Histogram()
+        self.opened = self.refused = 0
+        self.finished = {"received": 0, "sent": 0, "dropped": 0}  # totals of closed sessions
+
+    def check_room(self) -> None:
+        if len(self.sessions) >= self.max_sessions:
+            self.refused += 1
+            raise Full(f"server full: all {self.max_sessions} sessions are in use, try again later")
+
+    def open(self, kind: str, source: Session | None = None) -> Session:
+        self.check_room()
+        s = Session(self, kind, source)
+        self.sessions[s.id] = s
+        self.opened += 1
+        if source is not None:
+            source.attach(s)
+        log.info("session %s (%s) opened, %d active", s.id, kind, len(self.sessions))
+        return s
+
+    def _remove(self, s: Session) -> None:
+        if self.sessions.pop(s.id, None) is not None:
+            self.finished["received"] += s.received
+            self.finished["sent"] += s.sent
+            self.finished["dropped"] += s.dropped()
+
+    def get(self, session_id: str) -> Session | None:
+        return self.sessions.get(session_id) if isinstance(session_id, str) else None
+
+    def camera(self, session_id: str | None) -> Session | None:
+        """The camera session an OBS view follows: the one named, else the newest."""
+        if session_id:
+            s = self.get(session_id)
+            return s if s is not None and s.kind != "viewer" else None
+        cams = [s for s in self.sessions.values() if s.kind != "viewer"]
+        return max(cams, key=lambda s: s.created) if cams else None
+
+    def totals(self) -> dict:
+        live = list(self.sessions.values())
+        return {k: self.finished[k] + sum(getattr(s, k) if k != "dropped" else s.dropped() for s in live)
+                for k in self.finished}
+
+    def save_upload(self, session_id: str, data: bytes) -> Path:
+        """Runs in a worker thread: decode_upload's checks, then a PNG the engine can open."""
+        img = decode_upload(data, self.upload_limit)
+        path = self.upload_dir / f"{session_id}-{secrets.token_hex(4)}.png"
+        img.save(path, compress_level=1)
+        return path
+
+    def discard_upload(self, path: Path) -> None:
+        # Later, not now: the engine may be reading it for a batch already under way.
+        asyncio.get_running_loop().call_later(5.0, lambda: path.unlink(missing_ok=True))
+
+    async def close_all(self) -> None:
+        for s in list(self.sessions.values()):
+            await s.close()

@@ -1,0 +1,259 @@
+"""WebRTC sessions with aiortc: `POST /offer` takes {"sdp", "type": "offer"} and answers the same (plus "session").
+
+A camera session sends its camera and gets the processed video back on the same transceiver; the page's data
+channel carries JSON controls and stats. An OBS view ({"view": "obs", "session": ID}; the newest camera session when
+no ID is given) receives a camera session's output as colour over alpha, stacked in one frame twice as tall.
+
+aiortc's receive queue is unbounded and its example transforms frames inline, so a slow model makes latency grow
+without limit. Here a task takes the newest decoded frame off the track and submits it (the engine drops what it
+cannot process), and the returned track hands the encoder the newest result whenever it asks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+
+from aiortc import MediaStreamTrack, RTCPeerConnection, RTCSessionDescription, rtcrtpreceiver
+from aiortc.jitterbuffer import JitterBuffer, JitterFrame
+from aiortc.mediastreams import VIDEO_TIME_BASE, MediaStreamError
+
+from .frames import rgb_to_i420, split_rgba, stacked_i420, video_frame
+from .sessions import Closed, ControlError, Session, SessionManager, Tag, parse_control
+
+log = logging.getLogger(__name__)
+
+CONNECT_TIMEOUT = 20.0  # an answered offer whose peer never connects is given up after this long
+STATS_INTERVAL = 1.0
+
+
+def keep_media_on_loopback() -> None:
+    """Gather only 127.0.0.1 as the ICE host candidate in this process.
+
+    aioice skips loopback and offers every other interface, so a server bound to 127.0.0.1 would still send
+    media over the machine's network addresses. Bound to loopback, it keeps media there too.
+    """
+    import aioice.ice
+
+    aioice.ice.get_host_addresses = lambda use_ipv4, use_ipv6: ["127.0.0.1"] if use_ipv4 else []
+
+
+class MarkerJitterBuffer(JitterBuffer):
+    """aiortc's video jitter buffer, but a frame leaves on its last packet (the RTP marker bit).
+
+    The stock one releases a frame only when the first packet of the next frame arrives, which adds a whole frame
+    interval (33 ms at 30 fps, more for slower cameras) to every frame the server receives.
+    """
+
+    def _remove_frame(self, sequence_number: int) -> JitterFrame | None:
+        packets = []
+        for count in range(self.capacity):
+            packet = self._packets[(self._origin + count) % self._capacity]
+            if packet is None:
+                return None  # a gap: wait for the missing packet, as the stock buffer does
+            if packets and packet.timestamp != packets[0].timestamp:
+                break  # the next frame has begun, so this one is complete even without a marker
+            packets.append(packet)
+            if packet.marker:
+                break
+        else:
+            return None
+        self.remove(len(packets))
+        return JitterFrame(data=b"".join(p._data for p in packets), timestamp=packets[0].timestamp)
+
+
+def _jitter_buffer(capacity: int, prefetch: int = 0, is_video: bool = False) -> JitterBuffer:
+    if is_video and prefetch == 0:
+        return MarkerJitterBuffer(capacity, prefetch, is_video)
+    return JitterBuffer(capacity, prefetch, is_video)
+
+
+if rtcrtpreceiver.JitterBuffer is JitterBuffer and hasattr(JitterBuffer, "_remove_frame"):
+    rtcrtpreceiver.JitterBuffer = _jitter_buffer  # the receiver looks the class up in its own module
+
+
+class BadOffer(ValueError):
+    pass
+
+
+class NoCamera(LookupError):
+    pass
+
+
+def render(result, stacked: bool):
+    """A result as an I420 array; None when a stacked frame is wanted but this result has no alpha yet."""
+    img = result.image
+    if img.shape[2] == 4:
+        return stacked_i420(*split_rgba(img))
+    if stacked:
+        tag = result.meta
+        if tag.rgb is None or result.alpha is None:
+            return None  # a frame submitted before the view attached
+        return stacked_i420(tag.rgb, result.alpha)
+    return rgb_to_i420(img)
+
+
+class ResultTrack(MediaStreamTrack):
+    """The processed video: each `recv` returns the newest result not sent yet, waiting if there is none."""
+
+    kind = "video"
+
+    def __init__(self, session: Session, origin: Session, stacked: bool = False):
+        super().__init__()
+        self.session = session  # whose counters this output feeds
+        self.origin = origin  # whose results it shows: itself, or the camera session an OBS view follows
+        self.stacked = stacked
+        self.seen = 0
+        self.t0: float | None = None
+        self.last_pts = -1
+
+    async def recv(self):
+        while True:
+            try:
+                result, version = await self.origin.results.get(self.seen)
+            except Closed:
+                self.stop()
+                raise MediaStreamError from None
+            skipped = version - self.seen - 1 if self.seen else 0
+            self.seen = version
+            i420 = render(result, self.stacked)
+            if i420 is not None:
+                break
+        frame = video_frame(i420)
+        # Timestamps from the send time, not the capture time: processing jitter then does not look like network
+        # jitter to the browser, whose jitter buffer would grow to absorb it.
+        now = time.monotonic()
+        if self.t0 is None:
+            self.t0 = now
+        self.last_pts = max(int((now - self.t0) * VIDEO_TIME_BASE.denominator), self.last_pts + 1)
+        frame.pts, frame.time_base = self.last_pts, VIDEO_TIME_BASE
+        self.session.sent_result(result, skipped)
+        return frame
+
+
+async def pump(track, session: Session) -> None:
+    """Newest camera frame -> engine, until the track ends; the session ends with it."""
+    try:
+        while True:
+            frame = await track.recv()
+            now = time.monotonic()
+            session.arrived(now)
+            # Frames that piled up in aiortc's queue while the loop was busy are already stale: keep the last.
+            queue = getattr(track, "_queue", None)
+            while queue is not None and not queue.empty():
+                newer = queue.get_nowait()
+                if newer is None:
+                    raise MediaStreamError
+                session.arrived(now)
+                session.skipped += 1
+                frame = newer
+            session.submit(frame, Tag(now))
+    except MediaStreamError:
+        pass
+    session.spawn(session.close())
+
+
+def _send(channel, message: dict) -> None:
+    if channel.readyState == "open":
+        channel.send(json.dumps(message))
+
+
+def attach_channel(channel, session: Session) -> None:
+    async def answer_control(message):
+        try:
+            reply = await session.control(parse_control(message))
+        except ControlError as exc:
+            reply = {"type": "error", "error": str(exc)}
+        _send(channel, reply)
+
+    @channel.on("message")
+    def on_message(message):
+        session.spawn(answer_control(message))
+
+    async def push_stats():
+        while True:
+            await asyncio.sleep(STATS_INTERVAL)
+            _send(channel, session.stats_message())
+
+    session.spawn(push_stats())
+
+
+async def watchdog(pc: RTCPeerConnection, session: Session) -> None:
+    await asyncio.sleep(CONNECT_TIMEOUT)
+    if pc.connectionState != "connected":
+        log.info("session %s: peer never connected, closing", session.id)
+        session.spawn(session.close())
+
+
+async def answer(params: dict, manager: SessionManager) -> dict:
+    """Raises BadOffer (400), NoCamera (404) or sessions.Full (503); the session is gone again on any error."""
+    sdp, kind = params.get("sdp"), params.get("type")
+    if not isinstance(sdp, str) or kind != "offer":
+        raise BadOffer('expected {"sdp": "<offer SDP>", "type": "offer"}')
+    manager.check_room()
+    view = params.get("view")
+    source = None
+    if view is not None:
+        if view != "obs":
+            raise BadOffer('"view" can only be "obs"')
+        source = manager.camera(params.get("session"))
+        if source is None:
+            raise NoCamera("no camera session to show yet: open the camera page first")
+    if not sdp.startswith("v=0"):
+        raise BadOffer("invalid SDP offer: it must start with v=0")
+    # aiortc parses leniently; without these the answer would go out and the connection fail later, silently.
+    for attr, what in (("a=ice-ufrag:", "ICE credentials"), ("a=fingerprint:", "DTLS fingerprint")):
+        if attr not in sdp:
+            raise BadOffer(f"invalid SDP offer: no {what} ({attr[:-1]})")
+    session = manager.open("viewer" if source else "webrtc", source=source)
+    pc = RTCPeerConnection()
+    session.on_close.append(pc.close)
+    videos = []
+
+    @pc.on("track")
+    def on_track(track):
+        if track.kind == "video":
+            videos.append(track)
+
+    @pc.on("datachannel")
+    def on_datachannel(channel):
+        attach_channel(channel, session)
+
+    @pc.on("connectionstatechange")
+    async def on_state():
+        log.info("session %s: connection %s", session.id, pc.connectionState)
+        if pc.connectionState in ("failed", "closed"):
+            session.spawn(session.close())
+
+    try:
+        await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
+        camera = None
+        for t in pc.getTransceivers():
+            if camera is None and t.kind == "video" and (source is not None or t.receiver.track in videos):
+                camera = t
+                if source is None:
+                    t.sender.replaceTrack(ResultTrack(session, session))
+                    t.direction = "sendrecv"
+                else:
+                    t.sender.replaceTrack(ResultTrack(session, source, stacked=True))
+                    t.direction = "sendonly"
+            else:
+                # Audio and extra cameras are refused in the answer: unread, they would queue without bound.
+                t.direction = "inactive"
+        if camera is None:
+            raise BadOffer("the offer has no video to process (add the camera track)" if source is None
+                           else "an OBS view needs a video transceiver to receive on (direction recvonly)")
+        await pc.setLocalDescription(await pc.createAnswer())
+        track = camera.receiver.track if source is None else None
+    except BadOffer:
+        await session.close()
+        raise
+    except Exception as exc:
+        await session.close()
+        raise BadOffer(f"invalid SDP offer: {exc or exc.__class__.__name__}") from None
+    if track is not None:
+        session.spawn(pump(track, session))
+    session.spawn(watchdog(pc, session))
+    return {"sdp": pc.localDescription.sdp, "type": pc.localDescription.type, "session": session.id}

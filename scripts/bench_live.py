@@ -1,0 +1,246 @@
+#!/usr/bin/env python
+"""Live server under load: N synthetic WebRTC cameras at 30 fps against `rmbg-stream serve` on 127.0.0.1.
+
+    python scripts/bench_live.py --sessions 4 --seconds 20 --model chroma --size 640x480
+
+The server runs as a subprocess (its memory and CPU time are its own); the clients run here, in one process. Each
+client sends a green-screen clip whose frames carry their number as blocks in a corner, reads the number back off
+every processed frame it receives and so measures the latency the server path adds to each frame: from the moment
+the frame leaves the camera to the moment it is decoded back at the client (client encode, server decode, engine,
+server encode, client decode, all included). Prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import resource
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+
+import aiohttp
+from aiortc import RTCPeerConnection, RTCRtpSender, RTCSessionDescription
+
+from rmbg_stream.server.synthetic import SyntheticTrack, read_stamp
+from rmbg_stream.server.webrtc import keep_media_on_loopback
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def proc_stats(pid: int) -> tuple[float, float]:
+    """(RSS in MiB, CPU seconds) of a process, from /proc."""
+    with open(f"/proc/{pid}/status") as f:
+        rss = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return rss, cpu
+
+
+def pct(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    values = sorted(values)
+    return round(values[min(len(values) - 1, int(q * len(values)))] * 1000, 1)
+
+
+class Client:
+    def __init__(self, index: int, width: int, height: int, fps: float, codec: str):
+        self.index = index
+        self.track = SyntheticTrack(width, height, fps)
+        self.codec = codec
+        self.height = height
+        self.pc = RTCPeerConnection()
+        self.got: list[tuple[float, int | None]] = []  # (arrival, stamp) of every frame that came back
+        self.reader: asyncio.Task | None = None
+
+    async def connect(self, http: aiohttp.ClientSession, url: str) -> None:
+        transceiver = self.pc.addTransceiver(self.track, direction="sendrecv")
+        codecs = [c for c in RTCRtpSender.getCapabilities("video").codecs
+                  if c.mimeType.lower() in (f"video/{self.codec}", "video/rtx")]
+        transceiver.setCodecPreferences(codecs)
+
+        @self.pc.on("track")
+        def on_track(track):
+            self.reader = asyncio.ensure_future(self.read(track))
+
+        await self.pc.setLocalDescription(await self.pc.createOffer())
+        desc = self.pc.localDescription
+        async with http.post(f"{url}/offer", json={"sdp": desc.sdp, "type": desc.type}) as r:
+            answer = await r.json()
+            if r.status != 200:
+                raise RuntimeError(f"client {self.index}: offer refused: {answer}")
+        await self.pc.setRemoteDescription(RTCSessionDescription(sdp=answer["sdp"], type=answer["type"]))
+
+    async def read(self, track) -> None:
+        while True:
+            try:
+                frame = await track.recv()
+            except Exception:
+                return
+            now = time.monotonic()
+            luma = frame.to_ndarray()[: frame.height]
+            self.got.append((now, read_stamp(luma)))
+
+    def report(self, start: float, end: float) -> dict:
+        sent = self.track.sent
+        window = [(t, n) for t, n in self.got if start <= t < end]
+        latencies = [t - sent[n] for t, n in window if n is not None and n in sent and sent[n] <= t]
+        # Frames sent in the window (less a margin for those still in flight) that never came back.
+        sent_in = {n for n, t in sent.items() if start <= t < end - 0.5}
+        back = {n for _, n in self.got if n is not None}
+        return {"fps": round(len(window) / (end - start), 1), "latency_ms_p50": pct(latencies, 0.5),
+                "latency_ms_p95": pct(latencies, 0.95), "latency_ms_max": pct(latencies, 1.0),
+                "sent": len(sent_in), "received": len(window), "dropped": len(sent_in - back),
+                "unreadable": sum(1 for _, n in window if n is None)}
+
+    async def close(self) -> None:
+        await self.pc.close()
+        if self.reader is not None:
+            self.reader.cancel()
+
+
+def parse_metrics(text: str) -> dict:
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            out[name] = float(value)
+    return out
+
+
+def histogram_quantile(m: dict, name: str, q: float) -> float | None:
+    """Upper bound (ms) of the bucket holding the q-quantile, as Prometheus' histogram_quantile would bound it."""
+    total = m.get(f"{name}_count", 0)
+    buckets = sorted((float(k.split('le="')[1].rstrip('"}')), v) for k, v in m.items()
+                     if k.startswith(f"{name}_bucket") and "+Inf" not in k)
+    for le, count in buckets:
+        if total and count >= q * total:
+            return round(le * 1000, 1)
+    return None
+
+
+async def run(args) -> dict:
+    width, height = map(int, args.size.lower().split("x"))
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    cmd = [*(args.server_cmd.split() if args.server_cmd else [sys.executable, "-m", "rmbg_stream"]),
+           "serve", "--host", "127.0.0.1", "--port", str(port),
+           "--model", args.model, "--device", args.device, "--background", args.background,
+           "--max-sessions", str(args.sessions + 1), *args.server_arg]
+    server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    clients: list[Client] = []
+    try:
+        async with aiohttp.ClientSession() as http:
+            deadline = time.monotonic() + args.startup_timeout
+            while True:
+                if server.poll() is not None:
+                    raise RuntimeError(f"server exited: {server.stderr.read().strip()}")
+                try:
+                    async with http.get(f"{url}/healthz") as r:
+                        if r.status == 200:
+                            break
+                except aiohttp.ClientError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise RuntimeError("server did not come up")
+                await asyncio.sleep(0.2)
+            rss0, _ = proc_stats(server.pid)
+            clients = [Client(i, width, height, args.fps, args.codec) for i in range(args.sessions)]
+            await asyncio.gather(*(c.connect(http, url) for c in clients))
+            await asyncio.sleep(args.warmup)
+            start = time.monotonic()
+            load1 = os.getloadavg()[0]
+            rss1, cpu1 = proc_stats(server.pid)
+            own1 = resource.getrusage(resource.RUSAGE_SELF)
+            await asyncio.sleep(args.seconds / 2)
+            rss_mid, _ = proc_stats(server.pid)
+            await asyncio.sleep(args.seconds / 2)
+            end = time.monotonic()
+            load2 = os.getloadavg()[0]
+            rss2, cpu2 = proc_stats(server.pid)
+            own2 = resource.getrusage(resource.RUSAGE_SELF)
+            async with http.get(f"{url}/metrics") as r:
+                m = parse_metrics(await r.text())
+            sessions = [{"session": c.index, **c.report(start, end)} for c in clients]
+            for c in clients:
+                await c.close()
+            # Every session must be cleaned up once its peer has gone.
+            for _ in range(50):
+                async with http.get(f"{url}/healthz") as r:
+                    left = (await r.json())["sessions"]
+                if left == 0:
+                    break
+                await asyncio.sleep(0.1)
+    finally:
+        for c in clients:
+            await c.close()
+        server.send_signal(signal.SIGINT)
+        try:
+            server.wait(10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+    seconds = end - start
+    fps = [s["fps"] for s in sessions]
+    p95 = [s["latency_ms_p95"] for s in sessions if s["latency_ms_p95"] is not None]
+    batches = m.get("rmbg_engine_batches_total", 0)
+    return {
+        "sessions": args.sessions, "seconds": round(seconds, 1), "size": f"{width}x{height}", "fps_sent": args.fps,
+        "model": args.model, "device": args.device, "codec": args.codec, "cpus": os.cpu_count(),
+        "per_session": sessions,
+        "fps_min": min(fps), "fps_mean": round(statistics.mean(fps), 1),
+        "latency_ms_p50_median": statistics.median(s["latency_ms_p50"] for s in sessions if s["latency_ms_p50"]),
+        "latency_ms_p95_max": max(p95) if p95 else None,
+        "dropped_total": sum(s["dropped"] for s in sessions),
+        "server": {
+            "rss_mb_start": round(rss0, 1), "rss_mb_window_start": round(rss1, 1), "rss_mb_end": round(rss2, 1),
+            "rss_growth_mb": round(rss2 - rss1, 1),
+            # Allocators and codecs settle in the first seconds; a leak keeps growing in the second half too.
+            "rss_growth_mb_second_half": round(rss2 - rss_mid, 1),
+            "cpu_percent": round(100 * (cpu2 - cpu1) / seconds),
+            "mean_batch": round(m.get("rmbg_engine_frames_total", 0) / batches, 2) if batches else None,
+            "fps_in": m.get("rmbg_fps_in"), "fps_out": m.get("rmbg_fps_out"),
+            "latency_ms_p50_at_most": histogram_quantile(m, "rmbg_latency_seconds", 0.5),
+            "latency_ms_p95_at_most": histogram_quantile(m, "rmbg_latency_seconds", 0.95),
+            "frames_dropped_total": int(m.get("rmbg_frames_dropped_total", 0)),
+            "sessions_after_close": left,
+        },
+        "client_cpu_percent": round(100 * (own2.ru_utime + own2.ru_stime - own1.ru_utime - own1.ru_stime) / seconds),
+        # The machine's 1-minute load at the start and end of the window: other work on it skews every number.
+        "load_avg_1m": [round(load1, 2), round(load2, 2)],
+        "target_met": min(fps) >= 20 and bool(p95) and max(p95) <= 150,
+    }
+
+
+def main() -> None:
+    keep_media_on_loopback()  # the server (bound to 127.0.0.1) does the same: no traffic leaves loopback
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sessions", type=int, default=4)
+    p.add_argument("--seconds", type=float, default=20)
+    p.add_argument("--model", default="chroma")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--size", default="640x480", help="WxH of the synthetic camera")
+    p.add_argument("--fps", type=float, default=30)
+    p.add_argument("--codec", default="vp8", choices=["vp8", "h264"])
+    p.add_argument("--background", default="#ff00ff")
+    p.add_argument("--warmup", type=float, default=3, help="seconds before measuring")
+    p.add_argument("--startup-timeout", type=float, default=120)
+    p.add_argument("--server-arg", action="append", default=[], help="extra argument for `serve` (repeatable)")
+    p.add_argument("--server-cmd", default=None, help="command that takes the `serve ...` arguments "
+                   "(default: this Python's `-m rmbg_stream`), e.g. to compare builds")
+    args = p.parse_args()
+    print(json.dumps(asyncio.run(run(args))))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,403 @@
+// rmbg-stream page: camera -> server (WebRTC, or the WebSocket where WebRTC fails) -> processed video.
+// URL parameters: token, background (initial, e.g. %23ff00ff), transport, codec, resolution, autostart=1.
+'use strict';
+
+const params = new URLSearchParams(location.search);
+const token = params.get('token') || '';
+const $ = (id) => document.getElementById(id);
+const local = $('local');
+const remote = $('remote');
+const output = $('output');
+
+// Read by the end-to-end test, and handy in the console.
+const state = window.rmbg = {
+  status: 'idle', transport: null, codec: null, session: null, background: null, error: null,
+  frames: 0, matched: 0, sample: null, stats: {},
+};
+
+let stream = null;       // the camera
+let conn = null;         // the open transport: { send(msg), close() }
+let paused = false;
+let compositor = null;   // for stacked (transparent) WebRTC frames
+let rtt = null;          // control-message round trip, ms
+const thumb = document.createElement('canvas');
+thumb.width = 32; thumb.height = 24;
+const thumbCtx = thumb.getContext('2d', { willReadFrequently: true });
+
+class ServerRefused extends Error {}
+
+function setStatus(text, live = false) {
+  state.status = text;
+  $('status').textContent = text;
+  $('status').classList.toggle('live', live);
+}
+
+function showError(message) {
+  state.error = message;
+  $('error').textContent = message || '';
+  $('error').hidden = !message;
+}
+
+function authHeaders(extra = {}) {
+  return token ? { ...extra, Authorization: `Bearer ${token}` } : extra;
+}
+
+// -- camera
+
+async function openCamera() {
+  const [w, h] = $('resolution').value.split('x').map(Number);
+  const video = { width: { ideal: w }, height: { ideal: h }, frameRate: { ideal: 30 } };
+  if ($('camera').value) video.deviceId = { exact: $('camera').value };
+  const s = await navigator.mediaDevices.getUserMedia({ video, audio: false });
+  local.srcObject = s;
+  await listCameras();
+  return s;
+}
+
+async function listCameras() {
+  const sel = $('camera');
+  const current = sel.value;
+  const cams = (await navigator.mediaDevices.enumerateDevices()).filter((d) => d.kind === 'videoinput');
+  sel.replaceChildren(new Option('default', ''), ...cams.map((d, i) => new Option(d.label || `camera ${i + 1}`, d.deviceId)));
+  sel.value = current;
+}
+
+async function switchCamera() {
+  if (!stream) return;
+  const old = stream;
+  stream = await openCamera();
+  if (conn && conn.replaceTrack) await conn.replaceTrack(stream.getVideoTracks()[0]);
+  old.getTracks().forEach((t) => t.stop());
+}
+
+// -- WebRTC
+
+function gathered(pc) {
+  if (pc.iceGatheringState === 'complete') return Promise.resolve();
+  return new Promise((resolve) => {
+    pc.addEventListener('icegatheringstatechange', () => { if (pc.iceGatheringState === 'complete') resolve(); });
+    setTimeout(resolve, 2000); // host candidates are all a LAN needs
+  });
+}
+
+function connected(pc, ms) {
+  return new Promise((resolve, reject) => {
+    const check = () => {
+      if (pc.connectionState === 'connected') resolve();
+      if (['failed', 'closed'].includes(pc.connectionState)) reject(new Error(`WebRTC ${pc.connectionState}`));
+    };
+    pc.addEventListener('connectionstatechange', check);
+    setTimeout(() => reject(new Error('WebRTC did not connect in time')), ms);
+    check();
+  });
+}
+
+async function startWebRTC() {
+  const pc = new RTCPeerConnection();
+  const channel = pc.createDataChannel('control');
+  const transceiver = pc.addTransceiver(stream.getVideoTracks()[0], { direction: 'sendrecv' });
+  const codec = $('codec').value;
+  if (codec !== 'auto' && transceiver.setCodecPreferences) {
+    const all = RTCRtpReceiver.getCapabilities('video').codecs;
+    const want = all.filter((c) => c.mimeType.toLowerCase() === `video/${codec.toLowerCase()}`);
+    transceiver.setCodecPreferences([...want, ...all.filter((c) => !want.includes(c))]);
+  }
+  pc.ontrack = (e) => { remote.srcObject = new MediaStream([e.track]); };
+  const opened = new Promise((resolve) => { channel.onopen = resolve; });
+  channel.onmessage = (e) => onServerMessage(JSON.parse(e.data));
+
+  await pc.setLocalDescription(await pc.createOffer());
+  await gathered(pc);
+  const res = await fetch('offer', {
+    method: 'POST',
+    headers: authHeaders({ 'Content-Type': 'application/json' }),
+    body: JSON.stringify({ sdp: pc.localDescription.sdp, type: pc.localDescription.type }),
+  });
+  const body = await res.json().catch(() => ({ error: res.statusText }));
+  if (!res.ok) {
+    pc.close();
+    // The server said no (token, full, bad offer): a WebSocket would be refused just the same.
+    throw new ServerRefused(body.error || res.statusText);
+  }
+  state.session = body.session;
+  await pc.setRemoteDescription({ sdp: body.sdp, type: body.type });
+  try {
+    await connected(pc, 10000);
+    await opened;
+  } catch (err) {
+    pc.close();
+    throw err;
+  }
+  try {
+    // Keep the frame rate when the CPU or the network is short; the server scales nothing.
+    const p = transceiver.sender.getParameters();
+    p.degradationPreference = 'maintain-framerate';
+    await transceiver.sender.setParameters(p);
+  } catch (err) { /* not supported here: fine */ }
+  pc.onconnectionstatechange = () => {
+    if (['failed', 'closed', 'disconnected'].includes(pc.connectionState) && conn && conn.pc === pc) {
+      stop(`connection ${pc.connectionState}`);
+    }
+  };
+  remote.hidden = false;
+  remote.requestVideoFrameCallback(onRemoteFrame);
+  return {
+    kind: 'webrtc', pc,
+    send: (msg) => { if (channel.readyState === 'open') channel.send(JSON.stringify(msg)); },
+    replaceTrack: (track) => transceiver.sender.replaceTrack(track),
+    close: () => pc.close(),
+  };
+}
+
+function isStacked(w, h) {
+  // Colour over alpha: twice as tall as the camera's aspect says.
+  const s = stream && stream.getVideoTracks()[0].getSettings();
+  const aspect = s && s.width ? s.height / s.width : 0.75;
+  return h > 1.5 * w * aspect;
+}
+
+function onRemoteFrame() {
+  if (!conn || conn.kind !== 'webrtc') return;
+  const w = remote.videoWidth;
+  const h = remote.videoHeight;
+  if (w && h) {
+    if (isStacked(w, h)) {
+      compositor = compositor || createCompositor(output);
+      compositor.draw(remote, w, h);
+      output.hidden = false;
+      remote.style.visibility = 'hidden';
+      remote.style.position = 'absolute';
+      countFrame(remote, w, h / 2);
+    } else {
+      output.hidden = true;
+      remote.style.visibility = '';
+      remote.style.position = '';
+      countFrame(remote, w, h);
+    }
+  }
+  remote.requestVideoFrameCallback(onRemoteFrame);
+}
+
+// -- WebSocket
+
+const HEADER = 16;
+const JPEG = 1;
+
+async function startSocket() {
+  const url = new URL('ws', location.href);
+  url.protocol = url.protocol === 'https:' ? 'wss:' : 'ws:';
+  if (token) url.searchParams.set('token', token);
+  const sock = new WebSocket(url);
+  sock.binaryType = 'arraybuffer';
+  await new Promise((resolve, reject) => {
+    sock.onopen = resolve;
+    sock.onerror = () => reject(new ServerRefused('the WebSocket was refused (token, origin or server full)'));
+  });
+  const grab = document.createElement('canvas');
+  const gctx = grab.getContext('2d');
+  const octx = output.getContext('2d');
+  let seq = 0;
+  let acked = 0;
+  let closed = false;
+
+  sock.onmessage = async (e) => {
+    if (typeof e.data === 'string') { onServerMessage(JSON.parse(e.data)); return; }
+    const view = new DataView(e.data);
+    const fmt = view.getUint8(3);
+    const n = view.getUint32(4);
+    const sent = view.getFloat64(8);
+    acked = Math.max(acked, n);
+    state.stats.frameRtt = performance.now() - sent;
+    const blob = new Blob([e.data.slice(HEADER)], { type: fmt === JPEG ? 'image/jpeg' : 'image/webp' });
+    const bmp = await createImageBitmap(blob);
+    if (output.width !== bmp.width || output.height !== bmp.height) { output.width = bmp.width; output.height = bmp.height; }
+    octx.clearRect(0, 0, bmp.width, bmp.height);
+    octx.drawImage(bmp, 0, 0);
+    countFrame(bmp, bmp.width, bmp.height);
+    bmp.close();
+  };
+  sock.onclose = () => { closed = true; if (conn && conn.sock === sock) stop('socket closed'); };
+
+  // Send the camera at its own rate with at most two frames unanswered: a slow server means dropped frames, not a
+  // growing queue in the socket.
+  const tick = () => {
+    if (closed) return;
+    if (!paused && local.videoWidth && seq - acked < 2 && sock.bufferedAmount < 1 << 20) {
+      if (grab.width !== local.videoWidth) { grab.width = local.videoWidth; grab.height = local.videoHeight; }
+      gctx.drawImage(local, 0, 0);
+      const n = ++seq;
+      const t = performance.now();
+      grab.toBlob(async (blob) => {
+        if (!blob || sock.readyState !== WebSocket.OPEN) return;
+        const msg = new Uint8Array(HEADER + blob.size);
+        const head = new DataView(msg.buffer);
+        head.setUint8(0, 0x52); head.setUint8(1, 0x4d); head.setUint8(2, 1); head.setUint8(3, JPEG);
+        head.setUint32(4, n); head.setFloat64(8, t);
+        msg.set(new Uint8Array(await blob.arrayBuffer()), HEADER);
+        sock.send(msg);
+      }, 'image/jpeg', 0.8);
+    }
+    local.requestVideoFrameCallback(tick);
+  };
+  local.requestVideoFrameCallback(tick);
+  // A reply can be lost to latest-wins dropping: forget unanswered frames now and then so sending never stalls.
+  const unstick = setInterval(() => { acked = Math.max(acked, seq - 1); }, 500);
+  remote.hidden = true;
+  output.hidden = false;
+  return {
+    kind: 'websocket', sock,
+    send: (msg) => { if (sock.readyState === WebSocket.OPEN) sock.send(JSON.stringify(msg)); },
+    close: () => { clearInterval(unstick); sock.close(); },
+  };
+}
+
+// -- both transports
+
+function countFrame(source, w, h) {
+  state.frames += 1;
+  // A pixel at the left edge, half way down: the background in a centred shot (and in the test's clip).
+  thumbCtx.drawImage(source, 0, 0, w, h, 0, 0, thumb.width, thumb.height);
+  const px = Array.from(thumbCtx.getImageData(1, 12, 1, 1).data.slice(0, 3));
+  state.sample = px;
+  const bg = state.background;
+  if (bg && /^#[0-9a-f]{6}$/i.test(bg)) {
+    const want = [1, 3, 5].map((i) => parseInt(bg.slice(i, i + 2), 16));
+    if (want.every((v, i) => Math.abs(v - px[i]) <= 40)) state.matched += 1;
+  }
+}
+
+function onServerMessage(msg) {
+  if (msg.type === 'hello') state.session = msg.session;
+  if (msg.type === 'pong' && typeof msg.t === 'number') rtt = performance.now() - msg.t;
+  if (msg.type === 'error') showError(msg.error);
+  if (msg.type === 'ok' && msg.state) { state.background = msg.state.background; showError(null); }
+  if (msg.type === 'stats') {
+    Object.assign(state.stats, msg);
+    if (msg.state) state.background = msg.state.background;
+  }
+  $('obs').hidden = !state.session;
+  if (state.session) $('obs').href = `obs?session=${encodeURIComponent(state.session)}${token ? `&token=${encodeURIComponent(token)}` : ''}`;
+}
+
+function send(msg) {
+  if (conn) conn.send(msg);
+}
+
+async function start() {
+  showError(null);
+  $('start').disabled = true;
+  try {
+    stream = stream || await openCamera();
+    const choice = $('transport').value;
+    if (choice !== 'websocket') {
+      try {
+        setStatus('connecting (WebRTC)…');
+        conn = await startWebRTC();
+      } catch (err) {
+        if (err instanceof ServerRefused || choice === 'webrtc') throw err;
+        console.warn('WebRTC failed, falling back to the WebSocket:', err);
+      }
+    }
+    if (!conn) {
+      setStatus('connecting (WebSocket)…');
+      conn = await startSocket();
+    }
+    state.transport = conn.kind;
+    $('s-transport').textContent = conn.kind;
+    setStatus(`live (${conn.kind})`, true);
+    $('stop').disabled = false;
+    $('pause').disabled = false;
+    const initial = params.get('background');
+    if (initial) setBackground(initial);
+  } catch (err) {
+    stop();
+    showError(err.message);
+  }
+}
+
+function stop(reason) {
+  if (conn) { const c = conn; conn = null; c.close(); }
+  state.transport = null;
+  setStatus(reason || 'idle');
+  $('start').disabled = false;
+  $('stop').disabled = true;
+  $('pause').disabled = true;
+}
+
+function setBackground(value) {
+  state.background = value;
+  send({ type: 'background', value });
+  document.querySelectorAll('#backgrounds button').forEach((b) => b.classList.toggle('active', b.dataset.bg === value));
+}
+
+async function uploadBackground(file) {
+  if (!state.session) return;
+  const res = await fetch(`session/${encodeURIComponent(state.session)}/background`, {
+    method: 'POST', headers: authHeaders({ 'Content-Type': file.type || 'application/octet-stream' }), body: file,
+  });
+  const body = await res.json().catch(() => ({ error: res.statusText }));
+  if (!res.ok) { showError(body.error); return; }
+  showError(null);
+  state.background = 'upload';
+}
+
+// -- stats
+
+async function updateStats() {
+  send({ type: 'ping', t: performance.now() });
+  const s = state.stats;
+  let fpsIn = s.fps_in;
+  let fpsOut = s.fps_out;
+  let jitter = 0;
+  if (conn && conn.kind === 'webrtc') {
+    const stats = await conn.pc.getStats();
+    stats.forEach((r) => {
+      if (r.type === 'outbound-rtp' && r.kind === 'video' && r.framesPerSecond !== undefined) fpsIn = r.framesPerSecond;
+      if (r.type === 'inbound-rtp' && r.kind === 'video') {
+        if (r.codecId && stats.get(r.codecId)) state.codec = stats.get(r.codecId).mimeType.replace('video/', '');
+        if (r.framesPerSecond !== undefined) fpsOut = r.framesPerSecond;
+        if (r.jitterBufferEmittedCount) jitter = 1000 * r.jitterBufferDelay / r.jitterBufferEmittedCount;
+      }
+    });
+  }
+  const fmt = (v, unit = '') => (v === undefined || v === null ? '–' : `${Math.round(v)}${unit}`);
+  if (conn) $('s-transport').textContent = conn.kind === 'webrtc' && state.codec ? `webrtc (${state.codec})` : conn.kind;
+  $('s-fps-in').textContent = fmt(fpsIn);
+  $('s-fps-out').textContent = fmt(fpsOut);
+  $('s-dropped').textContent = fmt(s.dropped);
+  $('s-batch').textContent = fmt(s.batch);
+  if (conn && conn.kind === 'websocket') {
+    $('s-rtt').textContent = fmt(s.frameRtt, ' ms');
+  } else if (rtt !== null) {
+    // Network round trip + the server's time per frame + what the browser buffers before showing it.
+    const total = rtt + (s.latency_ms_p50 || 0) + jitter;
+    $('s-rtt').textContent = `${fmt(total, ' ms')} (net ${fmt(rtt)} + server ${fmt(s.latency_ms_p50)} + buffer ${fmt(jitter)})`;
+  }
+  state.stats.rtt = rtt;
+  state.stats.fpsIn = fpsIn;
+  state.stats.fpsOut = fpsOut;
+}
+
+// -- wiring
+
+$('start').onclick = start;
+$('stop').onclick = () => stop();
+$('camera').onchange = () => switchCamera().catch((e) => showError(e.message));
+$('resolution').onchange = () => switchCamera().catch((e) => showError(e.message));
+document.querySelectorAll('#backgrounds button').forEach((b) => { b.onclick = () => setBackground(b.dataset.bg); });
+$('color').oninput = (e) => setBackground(e.target.value);
+$('blur').onchange = (e) => setBackground(`blur:${e.target.value}`);
+$('upload').onchange = (e) => { if (e.target.files[0]) uploadBackground(e.target.files[0]); e.target.value = ''; };
+$('smoothing').onchange = (e) => send({ type: 'smoothing', value: Number(e.target.value) });
+$('mask').onchange = (e) => send({ type: 'mask_view', value: e.target.checked });
+$('pause').onclick = () => {
+  paused = !paused;
+  send({ type: 'pause', value: paused });
+  $('pause').textContent = paused ? 'Resume' : 'Pause';
+};
+for (const key of ['transport', 'codec', 'resolution']) {
+  const v = params.get(key);
+  if (v && [...$(key).options].some((o) => o.value === v)) $(key).value = v;
+}
+setInterval(updateStats, 1000);
+if (params.get('autostart')) start();
