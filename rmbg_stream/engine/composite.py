@@ -161,7 +161,8 @@ def to_rgba(frame: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
     """Float 0..1 (B,C,H,W) -> uint8, rounded, layout kept."""
-    return x.clamp(0, 1).mul(255).round().to(torch.uint8)
+    # Three passes instead of four: +0.5 then truncation rounds the (non-negative) values.
+    return x.mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8)
 
 
 def fit_background(bg: torch.Tensor, height: int, width: int) -> torch.Tensor:
