@@ -81,3 +81,19 @@ def test_bad_backbone_and_bad_size():
         BiRefNet("resnet50")
     with pytest.raises(ValueError, match="multiples of 32"):
         BiRefNet("swin_v1_t")(torch.zeros(1, 3, 100, 64))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_conformance_and_half_precision(lite):
+    model, arrays = lite
+    x = torch.from_numpy(arrays["input"])
+    with torch.inference_mode():
+        cuda = model.cuda()
+        out = cuda(x.cuda())[-1].float().cpu()
+        assert np.abs(out.numpy() - arrays["out3"]).max() <= 2e-3
+        ref = out.sigmoid()
+        for dtype in (torch.float16, torch.bfloat16):
+            half = cuda.to(dtype)(x.cuda().to(dtype))[-1].float().cpu().sigmoid()
+            assert (half - ref).abs().mean() < 0.01, dtype
+    model.float().cpu()

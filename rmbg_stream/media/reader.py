@@ -8,6 +8,7 @@ Timestamps are never renumbered: each frame keeps its own ``pts`` in the stream'
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 from dataclasses import dataclass
@@ -21,6 +22,12 @@ log = logging.getLogger(__name__)
 
 VIDEO_SUFFIXES = {".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".mpg", ".mpeg", ".ts", ".mts", ".m2ts",
                   ".flv", ".wmv", ".3gp", ".ogv", ".gif", ".y4m"}
+
+
+def io_threads() -> int:
+    """Threads for each decoder, encoder and converter: half the cores, so that with a CPU engine (the
+    bottleneck there) file I/O never crowds out the model's own threads."""
+    return max(1, (os.cpu_count() or 2) // 2)
 
 
 class MediaError(Exception):
@@ -108,7 +115,8 @@ class VideoReader:
             self.container.close()
             raise MediaError(f"{path}: no video stream")
         self.stream = stream = videos[0]
-        stream.thread_type = "AUTO"  # frame threads: decoding keeps up while the engine has the cores
+        stream.thread_type = "AUTO"
+        stream.thread_count = io_threads()
         self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
         self._stop = threading.Event()
         self._step = None
@@ -167,7 +175,7 @@ class VideoReader:
         self._last_pts = pts
         self.decoded += 1
         # The frame's own colour range and matrix drive the conversion (full-range phone video stays right).
-        rgb = frame.to_ndarray(format="rgb24")
+        rgb = frame.to_ndarray(format="rgb24", threads=io_threads())
         tb = frame.time_base or self.stream.time_base or Fraction(1, 90000)
         return Frame(upright(rgb, self.rotation), pts, float(pts * tb))
 

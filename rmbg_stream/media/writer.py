@@ -14,8 +14,8 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import secrets
 import shutil
-import tempfile
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +24,7 @@ import av
 import numpy as np
 from av.video.reformatter import VideoReformatter
 
-from .reader import VideoInfo
+from .reader import VideoInfo, io_threads
 
 log = logging.getLogger(__name__)
 
@@ -101,8 +101,9 @@ def plan(path: str | Path, mode: str, width: int, height: int, codec: str | None
         target.notes.append(f"odd frame size {width}x{height}: encoded 4:4:4 to keep it exactly "
                             "(some players only play 4:2:0)")
     if codec in ("libx264", "libx265"):
-        # 'fast' keeps the encoder far below the engine's cost at a size barely above 'medium'.
-        target.options = {"preset": "fast", "crf": str(18 if crf is None else crf)}
+        # 'veryfast': half the CPU of 'fast' for a few percent more bytes at the same crf; on a CPU engine every
+        # cycle the encoder takes is one the model does not get.
+        target.options = {"preset": "veryfast", "crf": str(18 if crf is None else crf)}
     elif codec == "libvpx-vp9":
         target.options = {"crf": str(30 if crf is None else crf), "deadline": "good", "cpu-used": "4", "row-mt": "1"}
         target.bit_rate = 0  # constant quality: VP9 only honours crf without a bit rate
@@ -116,12 +117,20 @@ def plan(path: str | Path, mode: str, width: int, height: int, codec: str | None
 
 
 def _temp_beside(dest: Path, folder: bool) -> Path:
+    """A new hidden name beside `dest` (same filesystem, so the final rename is atomic), created with the
+    usual permissions rather than mkstemp's private ones."""
     dest.parent.mkdir(parents=True, exist_ok=True)
-    if folder:
-        return Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent))
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
-    os.close(fd)
-    return Path(tmp)
+    for _ in range(100):
+        tmp = dest.parent / f".{dest.name}.{secrets.token_hex(4)}.part"
+        try:
+            if folder:
+                tmp.mkdir()
+            else:
+                tmp.open("xb").close()
+            return tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temporary name beside {dest}")
 
 
 def check_png_folder(dest: Path) -> None:
@@ -264,6 +273,7 @@ class VideoWriter:
         self.container = out = av.open(str(self.tmp), "w", format=t.format)
         vs = out.add_stream(t.codec, rate=info.rate or 30, options=t.options)
         vs.width, vs.height, vs.pix_fmt = info.width, info.height, t.pix_fmt
+        vs.thread_count = io_threads()
         # The source's time base, so every pts goes through unchanged.
         vs.time_base = info.time_base
         vs.codec_context.time_base = info.time_base
@@ -368,9 +378,11 @@ class VideoWriter:
             Image.fromarray(image, mode).save(self.tmp / (PNG_PATTERN % (self.written + 1)), compress_level=1)
             return
         fmt = {"rgb": "rgb24", "rgba": "rgba", "gray": "gray"}[self.mode]
-        frame = av.VideoFrame.from_ndarray(image, format=fmt)
+        # Wrap the engine's array instead of copying it (from_ndarray's copy costs as much as the conversion).
+        frame = av.VideoFrame.from_numpy_buffer(np.ascontiguousarray(image), format=fmt)
+        # AREA: a box filter for the 2:1 chroma decimation, better than swscale's bilinear default and cheaper.
         frame = self.sws.reformat(frame, format=self.target.pix_fmt, dst_colorspace=self.matrix,
-                                  dst_color_range=self.color_range)
+                                  dst_color_range=self.color_range, interpolation="AREA", threads=io_threads())
         frame.pts = pts
         frame.time_base = self.info.time_base
         self.container.mux(self.video.encode(frame))
