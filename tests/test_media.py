@@ -4,7 +4,6 @@ encoding (odd sizes, alpha, atomic output, audio kept) and looping video backgro
 from __future__ import annotations
 
 from fractions import Fraction
-from pathlib import Path
 
 import av
 import numpy as np

@@ -21,7 +21,7 @@ from rmbg_stream.engine.backends import create_backend
 from rmbg_stream.engine.engine import Engine
 from rmbg_stream.transcode import Progress, transcode
 
-from .test_media import BOX, GREEN, TB, audio_seconds, make_clip, read_video, scene
+from .test_media import BOX, TB, audio_seconds, make_clip, read_video, scene
 
 W, H = 160, 96
 
