@@ -118,6 +118,11 @@ def make_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s: %(message)s")
+    if not args.verbose:
+        # The hub client logs every retry; the one line that matters is the WeightsError we print.
+        from huggingface_hub.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
     from .models.weights import WeightsError
 
     try:

@@ -212,8 +212,9 @@ def run_cli(args) -> int:
     if not 0.0 <= args.smoothing <= 1.0:
         raise ValueError(f"--smoothing must be within 0..1, got {args.smoothing}")
 
-    previous = signal.signal(signal.SIGTERM, _on_sigterm) if threading.current_thread() is threading.main_thread() \
-        else None
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
     summaries: list[Summary] = []
     t0 = time.perf_counter()
     try:
@@ -253,9 +254,10 @@ def _one(engine, args, inp: Path, out: Path, background: Background, name: str) 
         s = transcode(engine, inp, out, background=background, mask=args.mask, smoothing=args.smoothing,
                       decontaminate=args.decontaminate, codec=args.codec, crf=args.crf, on_frame=progress.update)
     except (MediaError, ValueError, RuntimeError, OSError, av.error.FFmpegError) as exc:
-        text = str(exc) if isinstance(exc, MediaError) else f"{inp}: {exc}"
+        text = str(exc) if str(exc).startswith(str(inp)) else f"{inp}: {exc}"
         print(f"error: {text}", file=sys.stderr)
-        status = "invalid" if isinstance(exc, ValueError) else "error"
+        # A bad option or output (exit 2 for a single file) rather than a bad input or a failure on the way.
+        status = "invalid" if isinstance(exc, ValueError) and not isinstance(exc, av.error.FFmpegError) else "error"
         return Summary(str(inp), None, status=status, error=str(exc))
     finally:
         progress.close()

@@ -167,7 +167,8 @@ def test_reader_truncated_raises_while_iterating(tmp_path):
 
 def test_plan_picks_pixel_formats():
     assert plan("a.mp4", "rgb", 160, 96).pix_fmt == "yuv420p"
-    assert plan("a.mp4", "rgb", 161, 97).pix_fmt == "yuv444p"
+    assert plan("a.mp4", "rgb", 161, 97).pix_fmt == "yuv444p"  # x264 4:2:0 needs even sizes
+    assert plan("a.webm", "rgb", 161, 97).pix_fmt == "yuv420p"  # VP9 4:2:0 does not
     assert (plan("a.mov", "rgba", 160, 96).codec, plan("a.mov", "rgba", 160, 96).pix_fmt) == \
         ("prores_ks", "yuva444p10le")
     assert (plan("a.webm", "rgba", 161, 97).codec, plan("a.webm", "rgba", 161, 97).pix_fmt) == \

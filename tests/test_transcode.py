@@ -212,6 +212,29 @@ def test_webm_reencodes_audio_to_opus(clip, tmp_path, capsys):
     assert abs(audio_seconds(out) - audio_seconds(clip)) < 1 / 30
 
 
+def test_reencoded_audio_keeps_its_start(tmp_path):
+    src = tmp_path / "late.mkv"  # PCM audio starting 0.5 s in: WebM cannot hold PCM, so it becomes Opus
+    with av.open(str(src), "w") as c:
+        v = c.add_stream("libx264", rate=30)
+        v.width, v.height, v.pix_fmt = 64, 48, "yuv420p"
+        a = c.add_stream("pcm_s16le", rate=48000, layout="mono")
+        for i in range(30):
+            f = av.VideoFrame.from_ndarray(scene(i, 64, 48)[0], format="rgb24")
+            f.pts = i
+            c.mux(v.encode(f))
+        c.mux(v.encode(None))
+        for k in range(10):
+            af = av.AudioFrame.from_ndarray(np.zeros((1, 2400), np.int16), format="s16", layout="mono")
+            af.sample_rate, af.pts = 48000, 24000 + 2400 * k
+            c.mux(a.encode(af))
+    out = tmp_path / "o.webm"
+    assert run(src, "-o", out) == 0
+    with av.open(str(out)) as c:
+        first = next(c.decode(audio=0))
+        assert abs(float(first.pts * first.time_base) - 0.5) < 0.01
+    assert abs(audio_seconds(out) - 0.5) < 1 / 30
+
+
 def test_transparent_into_mp4_is_refused(clip, tmp_path, capsys):
     assert run(clip, "-o", tmp_path / "x.mp4", "--background", "transparent") == 2
     err = capsys.readouterr().err.strip().splitlines()

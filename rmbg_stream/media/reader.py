@@ -201,7 +201,12 @@ class VideoReader:
 
     def __iter__(self):
         while True:
-            item = self._queue.get()
+            try:
+                item = self._queue.get(timeout=0.1)
+            except queue.Empty:
+                if self._stop.is_set():  # closed under us: no more frames will come
+                    return
+                continue
             if item is None:
                 return
             if isinstance(item, BaseException):
