@@ -7,7 +7,7 @@ from pathlib import Path
 import av
 import numpy as np
 
-from .reader import MediaError, _rotation, open_input, upright
+from .reader import MediaError, display_rotation, io_threads, open_input, upright
 
 
 class LoopingVideo:
@@ -19,26 +19,29 @@ class LoopingVideo:
 
     def __init__(self, path: str | Path):
         self.path = str(path)
-        self.container = open_input(path)
-        if not self.container.streams.video:
-            self.container.close()
-            raise MediaError(f"{path}: no video stream in the background video")
-        self.stream = self.container.streams.video[0]
-        self.stream.thread_type = "AUTO"
         self.rotation: int | None = None
         self.loops = 0
-        self._frames = self.container.decode(self.stream)
+        self._open()
         self.read()  # fail now, not in the middle of a transcode, if nothing decodes
         self._rewind()
+
+    def _open(self) -> None:
+        self.container = open_input(self.path)
+        if not self.container.streams.video:
+            self.container.close()
+            raise MediaError(f"{self.path}: no video stream in the background video")
+        self.stream = self.container.streams.video[0]
+        self.stream.thread_type = "AUTO"
+        self.stream.thread_count = io_threads()
+        self._frames = self.container.decode(self.stream)
 
     def _rewind(self) -> None:
         try:
             self.container.seek(0, stream=self.stream)
+            self._frames = self.container.decode(self.stream)
         except av.error.FFmpegError:  # not seekable (some GIFs, raw streams): start over from the file
             self.container.close()
-            self.container = open_input(self.path)
-            self.stream = self.container.streams.video[0]
-        self._frames = self.container.decode(self.stream)
+            self._open()
 
     def read(self) -> np.ndarray:
         for _ in range(2):
@@ -48,7 +51,7 @@ class LoopingVideo:
                 raise MediaError(f"{self.path}: cannot decode the background video ({exc})") from None
             if frame is not None:
                 if self.rotation is None:
-                    self.rotation = _rotation(frame, self.stream)
+                    self.rotation = display_rotation(frame, self.stream)
                 return upright(frame.to_ndarray(format="rgb24"), self.rotation)
             self._rewind()
             self.loops += 1

@@ -79,7 +79,8 @@ def _reason(exc: BaseException) -> str:
     return getattr(exc, "strerror", None) or str(exc) or exc.__class__.__name__
 
 
-def _rotation(frame: av.VideoFrame, stream) -> int:
+def display_rotation(frame: av.VideoFrame, stream) -> int:
+    """Counter-clockwise degrees (0, 90, 180, 270) a player turns this stream's frames by."""
     deg = frame.rotation
     if not deg:
         tag = stream.metadata.get("rotate")  # clockwise degrees, written by older muxers
@@ -131,7 +132,7 @@ class VideoReader:
         if first is None:
             self.container.close()
             raise MediaError(f"{path}: the video stream has no decodable frames")
-        self.rotation = rotation = _rotation(first, stream)
+        self.rotation = rotation = display_rotation(first, stream)
         h, w = (first.height, first.width) if rotation in (0, 180) else (first.width, first.height)
         sar = stream.sample_aspect_ratio
         if sar and rotation in (90, 270):
