@@ -139,14 +139,19 @@ def test_reader_bad_inputs(tmp_path, make, message):
         VideoReader(p)
 
 
-def test_reader_audio_only(tmp_path):
-    p = tmp_path / "tone.m4a"
+def write_audio_only(p) -> None:
+    """An mp4 with one short silent AAC track and no video."""
     with av.open(str(p), "w", format="mp4") as c:
         a = c.add_stream("aac", rate=48000, layout="mono")
-        af = av.AudioFrame.from_ndarray(np.zeros((1, 4800), np.float32), format="fltp", layout="mono")
-        af.sample_rate, af.pts = 48000, 0
-        c.mux(a.encode(af))
+        f = av.AudioFrame.from_ndarray(np.zeros((1, 4800), np.float32), format="fltp", layout="mono")
+        f.sample_rate, f.pts = 48000, 0
+        c.mux(a.encode(f))
         c.mux(a.encode(None))
+
+
+def test_reader_audio_only(tmp_path):
+    p = tmp_path / "tone.m4a"
+    write_audio_only(p)
     with pytest.raises(MediaError, match="no video stream"):
         VideoReader(p)
 

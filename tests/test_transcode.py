@@ -21,7 +21,7 @@ from rmbg_stream.engine.backends import create_backend
 from rmbg_stream.engine.engine import Engine
 from rmbg_stream.transcode import Progress, transcode
 
-from .test_media import BOX, TB, audio_seconds, make_clip, read_video, scene
+from .test_media import BOX, TB, audio_seconds, make_clip, read_video, scene, write_audio_only
 
 W, H = 160, 96
 
@@ -243,15 +243,6 @@ def test_transparent_into_mp4_is_refused(clip, tmp_path, capsys):
 
 
 # -- failures
-
-
-def write_audio_only(p: Path) -> None:
-    with av.open(str(p), "w", format="mp4") as c:
-        a = c.add_stream("aac", rate=48000, layout="mono")
-        f = av.AudioFrame.from_ndarray(np.zeros((1, 4800), np.float32), format="fltp", layout="mono")
-        f.sample_rate, f.pts = 48000, 0
-        c.mux(a.encode(f))
-        c.mux(a.encode(None))
 
 
 def write_truncated(p: Path) -> None:
