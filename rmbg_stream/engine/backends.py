@@ -47,6 +47,7 @@ class ChromaBackend:
     def __init__(self, device: torch.device, key=(0, 177, 64), tolerance: float = 0.12, softness: float = 0.08):
         self.name = "chroma"
         self.resolution = None
+        self.guided = False  # see Engine._upsample
         self.device = device
         self.dtype = torch.float32
         # RGB -> (Cb, Cr) as a 1x1 convolution whose bias subtracts the key: one pass over the frame.

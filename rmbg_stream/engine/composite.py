@@ -17,17 +17,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .filters import box_blur, half, upsample2x
 from .smoothing import grey
-
-
-def box_blur(x: torch.Tensor, r: int) -> torch.Tensor:
-    """Mean over a (2r+1)^2 window, normalised by the pixels inside the image at the borders."""
-    if r <= 0:
-        return x
-    # Separable passes keep the cost linear in r; summing each window directly (no running cumsum) keeps float32
-    # exact enough for the variance differences of the guided filter.
-    x = F.avg_pool2d(x, (1, 2 * r + 1), 1, (0, r), count_include_pad=False)
-    return F.avg_pool2d(x, (2 * r + 1, 1), 1, (r, 0), count_include_pad=False)
 
 
 def _resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -57,18 +48,26 @@ def guided_upsample(alpha_lr: torch.Tensor, guide_hr: torch.Tensor, radius: int 
     p = alpha_lr.float()
     i_hr = grey(guide_hr.float())
     size_lr, size_hr = tuple(p.shape[-2:]), tuple(i_hr.shape[-2:])
-    i = i_hr if size_lr == size_hr else F.interpolate(i_hr, size=size_lr, mode="area")
-    mean_i, mean_p = box_blur(i, radius), box_blur(p, radius)
-    cov_ip = box_blur(i * p, radius) - mean_i * mean_p
-    var_i = box_blur(i * i, radius) - mean_i * mean_i
+    exact2x = (size_lr[0] * 2, size_lr[1] * 2) == size_hr
+    if size_lr == size_hr:
+        i = i_hr
+    else:
+        i = half(i_hr) if exact2x else F.interpolate(i_hr, size=size_lr, mode="area")
+    # One filter call for the four means: per-call overhead dominates at these sizes.
+    m = box_blur(torch.cat([i, p, i * p, i * i], 1), radius)
+    mean_i, mean_p = m[:, 0:1], m[:, 1:2]
+    cov_ip = m[:, 2:3] - mean_i * mean_p
+    var_i = m[:, 3:4] - mean_i * mean_i
     a = cov_ip / (var_i + eps)
     b = mean_p - a * mean_i
-    a, b = _resize(box_blur(a, radius), size_hr), _resize(box_blur(b, radius), size_hr)
-    return (a * i_hr + b).clamp(0, 1).to(dtype)
+    ab = box_blur(torch.cat([a, b], 1), radius)
+    ab = upsample2x(ab) if exact2x else _resize(ab, size_hr)
+    return torch.addcmul(ab[:, 1:], ab[:, :1], i_hr).clamp_(0, 1).to(dtype)
 
 
 def decontaminate(frame: torch.Tensor, alpha: torch.Tensor, radius: int | None = None) -> torch.Tensor:
-    """Foreground colour estimate (B,3,H,W) so soft edges lose the old background's colour.
+    """Foreground colour estimate (B,C,H,W) so soft edges lose the old background's colour (any planes: RGB, or
+    the luma / chroma planes of a YUV frame with the alpha at their size).
 
     Blur-fusion estimator (Forte & Pitie, "Approximate Fast Foreground Colour Estimation", ICIP 2021), two passes:
     with local means F_b, B_b of foreground and background, F = F_b + alpha * (I - alpha*F_b - (1-alpha)*B_b).
@@ -81,10 +80,11 @@ def decontaminate(frame: torch.Tensor, alpha: torch.Tensor, radius: int | None =
     r1 = radius if radius is not None else max(8, round(0.05 * max(img.shape[-2:])))
     r2 = max(1, r1 // 15)
     fg, bg = img, img
+    c = img.shape[1]
     for r, blur in ((r1, _wide_blur), (r2, box_blur)):
-        # One blur call for all seven channels; weights are blurred alongside so the means are alpha-weighted.
+        # One blur call for all channels; weights are blurred alongside so the means are alpha-weighted.
         s = blur(torch.cat([fg * a, bg * (1 - a), a], 1), r)
-        fa, ba, ma = s[:, 0:3], s[:, 3:6], s[:, 6:7]
+        fa, ba, ma = s[:, :c], s[:, c:2 * c], s[:, 2 * c:]
         fg_mean = fa / (ma + 1e-5)
         bg = ba / (1 - ma + 1e-5)
         fg = (fg_mean + a * (img - a * fg_mean - (1 - a) * bg)).clamp(0, 1)
@@ -130,6 +130,7 @@ def composite_blur(
     frame: torch.Tensor, alpha: torch.Tensor, strength: float = 0.5, fg: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Foreground over its own background blurred; strength 0..1 maps to sigma up to 4% of the short side.
+    Any number of planes (RGB, or YUV planes with the alpha at their size).
 
     The background is blurred premultiplied, blur(frame*(1-alpha)) / blur(1-alpha), so the person's colours do not
     bleed into the blurred background as a halo. ``fg`` (e.g. decontaminated colours) replaces the frame as the
@@ -143,14 +144,15 @@ def composite_blur(
     h, w = frame.shape[-2:]
     # Blur on a copy downscaled so that sigma is 2-4 pixels there: the kernel stays short at any strength.
     f = max(1, int(sigma // 2))
+    c = frame.shape[1]
     x = torch.cat([frame * (1 - alpha), 1 - alpha], 1)
     if f > 1:
         x = F.interpolate(x, size=(math.ceil(h / f), math.ceil(w / f)), mode="area")
-    x = _resize(_gaussian_blur(x, sigma / f), (h, w))
+    x = _gaussian_blur(x, sigma / f)
     # A weighted mean of background pixels, so it stays in 0..1; where no background is near (deep inside the
-    # person, alpha ~ 1) the value is hidden by the foreground anyway.
-    bg = x[:, :3] / x[:, 3:].clamp_min(1e-4)
-    return torch.lerp(bg.clamp(0, 1), fg, alpha)
+    # person, alpha ~ 1) the value is hidden by the foreground anyway. Divided before upsampling: one plane less.
+    bg = _resize((x[:, :c] / x[:, c:].clamp_min(1e-4)).clamp_(0, 1), (h, w))
+    return torch.lerp(bg, fg, alpha)
 
 
 def to_rgba(frame: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:

@@ -21,11 +21,14 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from . import composite
+from .filters import half, upsample2x
 from .preprocess import resize
-from .smoothing import TemporalSmoother
+from .smoothing import TemporalSmoother, smooth_streams
 from .transfer import Downloader, Uploader
+from .yuv import YUVSpec, i420_planes, pack_i420, rgb_to_yuv, spec_of, to_planes, yuv_to_rgb
 
 log = logging.getLogger(__name__)
 
@@ -45,10 +48,13 @@ class Result:
     index: int
     pts: Any
     meta: Any
-    image: np.ndarray | None  # H x W x 3 (RGB) or H x W x 4 (RGBA), uint8
+    image: np.ndarray | None  # uint8, laid out as `format` says
     alpha: np.ndarray | None  # H x W, uint8
     submitted: float
     done: float
+    # rgb24: H x W x 3; rgba: H x W x 4; yuv420p: (3H/2, W) I420; yuva420p: the same, transparent, with `alpha`
+    # as its alpha plane.
+    format: str = "rgb24"
 
     @property
     def latency(self) -> float:
@@ -58,10 +64,11 @@ class Result:
 @dataclass
 class _Item:
     index: int
-    frame: np.ndarray
+    frame: np.ndarray | tuple[np.ndarray, np.ndarray, np.ndarray]  # RGB, or 4:2:0 (Y, U, V) planes
     pts: Any
     meta: Any
     submitted: float
+    spec: YUVSpec | None = None  # 4:2:0 streams: the frame's matrix and range
     background: np.ndarray | None = None  # this frame's video-background frame, if any
     background_dev: torch.Tensor | None = None
 
@@ -86,10 +93,19 @@ _END = object()
 
 
 class Stream:
+    """Frames in `pixel_format`: "rgb24" (H x W x 3 arrays, or av.VideoFrames converted) or "yuv420p" ((3H/2, W)
+    I420 arrays or av.VideoFrames, even sizes; results come back as I420 too, in the frame's own matrix and
+    range, or `spec` for arrays)."""
+
     def __init__(self, engine: Engine, live: bool, max_in_flight: int, options: StreamOptions,
-                 on_result: Callable[[Result], None] | None, background_source=None):
+                 on_result: Callable[[Result], None] | None, background_source=None, pixel_format: str = "rgb24",
+                 spec: YUVSpec | None = None):
+        if pixel_format not in ("rgb24", "yuv420p"):
+            raise ValueError(f"pixel_format must be rgb24 or yuv420p, got {pixel_format!r}")
         self.engine = engine
         self.live = live
+        self.yuv = pixel_format == "yuv420p"
+        self.spec = spec or YUVSpec()
         self.max_in_flight = max(1, max_in_flight)
         self.options = options
         self.background_source = background_source  # .read(): next H x W x 3 uint8 frame of a video background
@@ -105,10 +121,15 @@ class Stream:
         self._bg_cache: tuple[Any, torch.Tensor] | None = None
 
     # -- producer side
-    def submit(self, frame, pts=None, meta=None, timeout: float | None = None) -> bool:
+    def submit(self, frame, pts=None, meta=None, timeout: float | None = None, spec: YUVSpec | None = None) -> bool:
         """Queue a frame. Live: never blocks, drops the oldest waiting frame. File: blocks while
-        `max_in_flight` frames are waiting for the consumer; returns False on timeout."""
-        item = _Item(0, as_rgb(frame), pts, meta, time.monotonic())
+        `max_in_flight` frames are waiting for the consumer; returns False on timeout. `spec`: the matrix and
+        range of an I420 array (av.VideoFrames say their own; default the stream's)."""
+        if self.yuv:
+            planes = frame if isinstance(frame, tuple) else i420_planes(frame)
+            item = _Item(0, planes, pts, meta, time.monotonic(), spec or spec_of(frame) or self.spec)
+        else:
+            item = _Item(0, as_rgb(frame), pts, meta, time.monotonic())
         if self.background_source is not None:
             item.background = self.background_source.read()
         with self.engine.cond:
@@ -195,9 +216,9 @@ class Stream:
         if finished:
             self.results.put(_END)
 
-    def _background(self, frame: torch.Tensor, item: _Item) -> torch.Tensor | None:
+    def _background(self, H: int, W: int, device, item: _Item) -> torch.Tensor | None:
+        """The image or video background as RGB (1,3,H,W), or None."""
         bg = self.options.background
-        H, W = frame.shape[-2:]
         if bg.kind == "video" and item.background is not None:
             return composite.fit_background(item.background_dev, H, W)
         if bg.kind == "image":
@@ -206,13 +227,16 @@ class Stream:
                 from PIL import Image
 
                 img = np.array(Image.open(bg.path).convert("RGB"))
-                self._bg_cache = (key, composite.prepare_background(img, H, W, frame.device))
+                self._bg_cache = (key, composite.prepare_background(img, H, W, device))
             return self._bg_cache[1]
         return None
 
-    def _render(self, frame: torch.Tensor, alpha: torch.Tensor, item: _Item) -> dict[str, torch.Tensor]:
+    def _render(self, frame: torch.Tensor, alpha: torch.Tensor, item: _Item) -> tuple[str, dict[str, torch.Tensor]]:
+        """Frames (B,3,H,W) of streams with this stream's options (B > 1 only without image/video backgrounds)
+        -> (format, {"image": (B,H,W,C) uint8, "alpha": (B,H,W) uint8})."""
         o = self.options
         out = {}
+        fmt = "rgb24"
         if o.image:
             if o.mask_view:
                 img = alpha.expand(-1, 3, -1, -1)
@@ -222,18 +246,69 @@ class Stream:
                 if kind == "color":
                     img = composite.composite_color(fg, alpha, o.background.color)
                 elif kind in ("image", "video"):
-                    bg = self._background(frame, item)
+                    bg = self._background(*frame.shape[-2:], frame.device, item)
                     img = fg if bg is None else composite.composite_image(fg, alpha, bg)
                 elif kind == "blur":
-                    img = composite.composite_blur(frame, alpha, o.background.strength)
+                    img = composite.composite_blur(frame, alpha, o.background.strength, fg=fg)
                 elif kind == "transparent":
-                    img = composite.to_rgba(fg, alpha)
+                    img, fmt = composite.to_rgba(fg, alpha), "rgba"
                 else:  # "none": the original frame
                     img = frame
-            out["image"] = composite.to_uint8(img)[0].permute(1, 2, 0).contiguous()
+            out["image"] = composite.to_uint8(img).permute(0, 2, 3, 1).contiguous()
         if o.alpha:
-            out["alpha"] = composite.to_uint8(alpha)[0, 0]
-        return out
+            out["alpha"] = composite.to_uint8(alpha)[:, 0]
+        return fmt, out
+
+    def _render_yuv(self, y: torch.Tensor, uv: torch.Tensor, alpha: torch.Tensor, alpha_half: torch.Tensor,
+                    item: _Item) -> tuple[str, dict[str, torch.Tensor]]:
+        """The same as `_render` on 4:2:0 planes: luma with the full alpha, chroma with the half-size one; the
+        image is (B,3H/2,W) I420."""
+        o = self.options
+        out = {}
+        fmt = "yuv420p"
+        spec = item.spec
+        kind = o.background.kind
+        if o.image:
+            if o.mask_view:
+                lo, hi = spec.black_white()
+                y_out, uv_out = alpha * (hi - lo) + lo, torch.full_like(uv, 128 / 255)
+            else:
+                if o.decontaminate:
+                    y_fg, uv_fg = composite.decontaminate(y, alpha), composite.decontaminate(uv, alpha_half)
+                else:
+                    y_fg, uv_fg = y, uv
+                if kind == "color":
+                    c = spec.color(o.background.color)
+                    y_out = composite.composite_color(y_fg, alpha, c[:1])
+                    uv_out = composite.composite_color(uv_fg, alpha_half, c[1:])
+                elif kind in ("image", "video"):
+                    bg = self._background_yuv(*y.shape[-2:], y.device, item)
+                    if bg is None:
+                        y_out, uv_out = y_fg, uv_fg
+                    else:
+                        y_out = composite.composite_image(y_fg, alpha, bg[0])
+                        uv_out = composite.composite_image(uv_fg, alpha_half, bg[1])
+                elif kind == "blur":
+                    y_out = composite.composite_blur(y, alpha, o.background.strength, fg=y_fg)
+                    uv_out = composite.composite_blur(uv, alpha_half, o.background.strength, fg=uv_fg)
+                else:  # transparent (the alpha goes with it) or none
+                    y_out, uv_out = y_fg, uv_fg
+                    fmt = "yuva420p" if kind == "transparent" else fmt
+            out["image"] = pack_i420(y_out, uv_out)
+        if o.alpha or (o.image and kind == "transparent" and not o.mask_view):
+            out["alpha"] = composite.to_uint8(alpha)[:, 0]
+        return fmt, out
+
+    def _background_yuv(self, H: int, W: int, device, item: _Item) -> tuple[torch.Tensor, torch.Tensor] | None:
+        bg = self.options.background
+        if bg.kind == "image":
+            key = (bg.path, H, W, item.spec)
+            if self._bg_cache is None or self._bg_cache[0] != key:
+                rgb = self._background(H, W, device, item)
+                self._bg_cache = (key, rgb_to_yuv(rgb, item.spec))
+            return self._bg_cache[1]
+        rgb = self._background(H, W, device, item)
+        return None if rgb is None else rgb_to_yuv(rgb, item.spec)
 
 
 class Engine:
@@ -263,9 +338,10 @@ class Engine:
             self._finisher.start()
 
     def open_stream(self, *, live: bool, options: StreamOptions | None = None, max_in_flight: int | None = None,
-                    on_result: Callable[[Result], None] | None = None, background_source=None) -> Stream:
+                    on_result: Callable[[Result], None] | None = None, background_source=None,
+                    pixel_format: str = "rgb24", spec: YUVSpec | None = None) -> Stream:
         n = max_in_flight or (2 if live else 2 * self.max_batch)
-        s = Stream(self, live, n, options or StreamOptions(), on_result, background_source)
+        s = Stream(self, live, n, options or StreamOptions(), on_result, background_source, pixel_format, spec)
         with self.cond:
             if self.closed:
                 raise RuntimeError("engine is closed")
@@ -362,33 +438,66 @@ class Engine:
 
     @torch.inference_mode()
     def _process(self, batch: list[tuple[Stream, _Item]]) -> None:
-        arrays = [item.frame for _, item in batch]
-        extra = [item.background for _, item in batch if item.background is not None]
-        dev = self.uploader.upload(arrays + extra)
-        frames = [to_float(d) for d in dev[:len(arrays)]]
-        bgs = iter(dev[len(arrays):])
+        arrays, extra = [], []
+        for s, item in batch:
+            arrays.extend(item.frame if s.yuv else [item.frame])
+            if item.background is not None:
+                extra.append(item.background)
+        dev = iter(self.uploader.upload(arrays + extra))
+        frames = [tuple(next(dev) for _ in range(3)) if s.yuv else next(dev) for s, _ in batch]
         for _, item in batch:
             if item.background is not None:
-                item.background_dev = to_float(next(bgs))
+                item.background_dev = to_float(next(dev))
+        # Frames of one layout and size go through the network, smoothing and upsampling as one batch: on the
+        # CPU the per-op overhead (and, in the server, the GIL) costs more than the pixels at these sizes.
+        groups: dict[tuple, list[int]] = {}
+        for k, ((s, item), f) in enumerate(zip(batch, frames)):
+            key = (tuple(f[0].shape), item.spec) if s.yuv else (tuple(f.shape), None)
+            groups.setdefault(key, []).append(k)
         size = self.backend.resolution
-        if size is not None:
-            small = torch.cat([resize(f, size) for f in frames])
-            alphas = list(self.backend(small).split(1))
-            smalls = list(small.split(1))
-        else:
-            alphas = [self.backend(f) for f in frames]
-            smalls = frames
-        outputs = []
-        for (s, item), frame, a, sm in zip(batch, frames, alphas, smalls):
-            if s.options.smoothing > 0:
-                a = s.smoother(a, sm, s.options.smoothing)
+        work = []
+        for (_, spec), idx in groups.items():
+            if spec is not None:
+                y, uv = to_planes([frames[k] for k in idx])
+                planes = (y, uv)
+                # Backends without a resolution (the chroma keyer) work at the chroma planes' size.
+                small = yuv_to_rgb(y, uv, spec, size or tuple(uv.shape[-2:]))
             else:
-                s.smoother.reset()  # off: no work per frame; switched on again, it starts from that frame
-            if a.shape[-2:] != frame.shape[-2:]:
-                a = composite.guided_upsample(a, frame, self.guided_radius, self.guided_eps)
-            outputs.append(s._render(frame, a, item))
+                frame = torch.cat([to_float(frames[k]) for k in idx])
+                planes = (frame,)
+                small = resize(frame, size) if size is not None else frame
+            work.append((idx, planes, small))
+        if size is not None and len(work) > 1:
+            alphas = self.backend(torch.cat([w[2] for w in work])).split([len(w[0]) for w in work])
+        else:
+            alphas = [self.backend(w[2]) for w in work]
+        outputs: list = [None] * len(batch)
+        for (idx, planes, small), a in zip(work, alphas):
+            streams = [batch[k][0] for k in idx]
+            a = smooth_streams([s.smoother for s in streams], a, small, [s.options.smoothing for s in streams])
+            a_full = self._upsample(a, planes[0])
+            a_half = None
+            if len(planes) == 2:
+                a_half = a if a.shape[-2:] == planes[1].shape[-2:] else half(a_full)
+            # Streams with the same options are composited together too; image and video backgrounds are per
+            # stream (their own file or frame), so those render one by one.
+            renders: dict = {}
+            for j, k in enumerate(idx):
+                o = batch[k][0].options
+                key = (o.background, o.image, o.alpha, o.mask_view, o.decontaminate)
+                renders.setdefault(key if o.background.kind not in ("image", "video") else j, []).append(j)
+            for rows in renders.values():
+                s, item = batch[idx[rows[0]]]
+                consecutive = rows == list(range(rows[0], rows[0] + len(rows)))
+                sel = slice(rows[0], rows[0] + len(rows)) if consecutive else torch.tensor(rows)
+                if a_half is not None:
+                    fmt, out = s._render_yuv(planes[0][sel], planes[1][sel], a_full[sel], a_half[sel], item)
+                else:
+                    fmt, out = s._render(planes[0][sel], a_full[sel], item)
+                for n, j in enumerate(rows):
+                    outputs[idx[j]] = (fmt, {name: t[n] for name, t in out.items()})
         self.uploader.release()
-        flat = [t for out in outputs for t in out.values()]
+        flat = [t for _, out in outputs for t in out.values()]
         event, hosts = self.downloader.download(flat)
         with self.cond:
             self.batches += 1
@@ -399,12 +508,24 @@ class Engine:
         else:
             self._downloads.put((event, batch, outputs, hosts))
 
+    def _upsample(self, alpha: torch.Tensor, frame: torch.Tensor) -> torch.Tensor:
+        size = tuple(frame.shape[-2:])
+        if alpha.shape[-2:] == size:
+            return alpha
+        if getattr(self.backend, "guided", True):
+            return composite.guided_upsample(alpha, frame, self.guided_radius, self.guided_eps)
+        # The chroma keyer's alpha comes from the 4:2:0 chroma planes: it has no finer edges to recover.
+        if (alpha.shape[-2] * 2, alpha.shape[-1] * 2) == size:
+            return upsample2x(alpha)
+        return F.interpolate(alpha, size=size, mode="bilinear", align_corners=False)
+
     def _finish(self, batch, outputs, hosts) -> None:
         hosts = iter(hosts)
         now = time.monotonic()
-        for (s, item), out in zip(batch, outputs):
+        for (s, item), (fmt, out) in zip(batch, outputs):
             got = {k: next(hosts).numpy() for k in out}
-            s._deliver(Result(item.index, item.pts, item.meta, got.get("image"), got.get("alpha"), item.submitted, now))
+            s._deliver(Result(item.index, item.pts, item.meta, got.get("image"), got.get("alpha"), item.submitted, now,
+                              fmt))
 
     def _finish_loop(self) -> None:
         while (job := self._downloads.get()) is not None:

@@ -19,6 +19,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .filters import box_blur, max_filter
+
 # Side of the thumbnail the scene-cut test compares; coarse so that ordinary motion barely changes it.
 _THUMB = 32
 # Side of the coarse grid the motion gate is computed on.
@@ -43,19 +45,6 @@ def _smoothstep(x: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
     return t * t * (3 - 2 * t)
 
 
-def _box(x: torch.Tensor, r: int) -> torch.Tensor:
-    # Separable: two 1-D passes cost 2(2r+1) reads per pixel instead of (2r+1)^2.
-    if r <= 0:
-        return x
-    x = F.avg_pool2d(x, (1, 2 * r + 1), 1, (0, r), count_include_pad=False)
-    return F.avg_pool2d(x, (2 * r + 1, 1), 1, (r, 0), count_include_pad=False)
-
-
-def _dilate(x: torch.Tensor, r: int) -> torch.Tensor:
-    x = F.max_pool2d(x, (1, 2 * r + 1), 1, (0, r))
-    return F.max_pool2d(x, (2 * r + 1, 1), 1, (r, 0))
-
-
 def smooth_batch(
     alphas: torch.Tensor,
     frames: torch.Tensor,
@@ -70,6 +59,7 @@ def smooth_batch(
     change_high: float = 0.35,
     cut_threshold: float = 0.12,
     max_keep: float = 0.9,
+    all_history: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Smooth one batch of alphas (B,1,h,w) given frames (B,3,h,w) 0..1 at the same size and per-stream history.
 
@@ -78,6 +68,8 @@ def smooth_batch(
     ``motion_low`` and ``motion_high``) or a coherent alpha change (|blurred alpha - prev| between ``change_low``
     and ``change_high``) raises the weight to 1. A row whose thumbnail mean abs difference exceeds
     ``cut_threshold`` is a scene cut and is passed through raw, like a row without history.
+
+    ``all_history``: the caller knows no row is a NaN placeholder, which saves three full-size passes.
 
     Returns ``(alphas_out, scene_cut)``: scene_cut is a (B,) bool tensor, True where a cut was detected
     (rows without history are False).
@@ -92,12 +84,16 @@ def smooth_batch(
         s = torch.as_tensor(strengths, dtype=alphas.dtype).to(alphas.device, non_blocking=True)
         keep = max_keep * s.clamp(0, 1).reshape(b, 1, 1, 1)
 
-    has_prev = ~prev_alphas.flatten(1).isnan().any(1)
-    hp = has_prev.view(b, 1, 1, 1)
     g = grey(frames)
-    # Substitute the current frame for missing history so NaNs never reach the arithmetic.
-    pa = torch.where(hp, prev_alphas, alphas)
-    pg = torch.where(hp, grey(prev_frames), g)
+    if all_history:
+        has_prev, hp = torch.ones(b, dtype=torch.bool, device=alphas.device), None
+        pa, pg = prev_alphas, grey(prev_frames)
+    else:
+        has_prev = ~prev_alphas.flatten(1).isnan().any(1)
+        hp = has_prev.view(b, 1, 1, 1)
+        # Substitute the current frame for missing history so NaNs never reach the arithmetic.
+        pa = torch.where(hp, prev_alphas, alphas)
+        pg = torch.where(hp, grey(prev_frames), g)
 
     # The gate only needs blurred quantities, so it is computed on a grid of at most ~_GATE pixels a side and
     # upsampled: large frames cost a few full-resolution passes instead of dozens.
@@ -119,16 +115,19 @@ def smooth_batch(
 
     # Blur averages sensor noise down to its mean before the threshold; the dilation then covers the soft alpha
     # band around a moving edge, which extends past the pixels whose colour changed.
-    motion = _dilate(_box(dg, r), 2 * r)
+    blurred = box_blur(torch.cat([dg, da], 1), r)
+    motion = max_filter(blurred[:, :1], 2 * r)
     # Signed blur: jitter and isolated flips average out, an edge that really moved (even with no colour
     # contrast to see it in the image) does not.
-    change = _box(da, r).abs()
+    change = blurred[:, 1:].abs()
     gate = torch.maximum(_smoothstep(motion, motion_low, motion_high), _smoothstep(change, change_low, change_high))
+    gate = torch.where(cut.view(b, 1, 1, 1), 1.0, gate)  # a cut passes the raw alpha: weight 1 below
     if scale > 1:
         gate = F.interpolate(gate, size=(h, w), mode="bilinear", align_corners=False)
     weight = (1 - keep * (1 - gate)).to(alphas.dtype)
-    out = torch.lerp(pa, alphas, weight)  # exact at weight 1, so strength 0 returns the raw alpha
-    out = torch.where(hp & ~cut.view(b, 1, 1, 1), out, alphas)
+    out = torch.lerp(pa, alphas, weight)  # exact at weight 1, so strength 0 and cuts return the raw alpha
+    if hp is not None:
+        out = torch.where(hp, out, alphas)
     return out, cut
 
 
@@ -152,7 +151,8 @@ class TemporalSmoother:
         prev_a, prev_g = self.prev_alpha, self.prev_grey
         if prev_a is not None and prev_a.shape != alpha.shape:
             prev_a = prev_g = None
-        out, self.scene_cut = smooth_batch(alpha, frame_small, prev_a, prev_g, strength, **self.params)
+        out, self.scene_cut = smooth_batch(alpha, frame_small, prev_a, prev_g, strength,
+                                           all_history=prev_a is not None, **self.params)
         # Stored even when off, so turning smoothing on later starts from the current frame.
         self.prev_alpha, self.prev_grey = out, grey(frame_small)
         return out
@@ -178,3 +178,35 @@ def dtssd(pred_seq, true_seq) -> float:
         return 0.0
     d = (p[1:] - p[:-1]) - (g[1:] - g[:-1])
     return float((d.pow(2).mean(1).sqrt() * 1e2).sum() / p.shape[0])
+
+
+def smooth_streams(smoothers: Sequence[TemporalSmoother], alphas: torch.Tensor, frames_small: torch.Tensor,
+                   strengths: Sequence[float]) -> torch.Tensor:
+    """One ``smooth_batch`` call for several streams' frames of one size (row i belongs to ``smoothers[i]``):
+    a batch costs the same few dozen small ops as a single frame. Strength 0 leaves a row raw and its
+    stream without history, as ``TemporalSmoother`` does. The first smoother's params apply to all."""
+    if all(s <= 0 for s in strengths):
+        for sm in smoothers:
+            sm.reset()
+        return alphas
+    b, _, h, w = alphas.shape
+    prev_a, prev_g, missing = [], [], False
+    for sm in smoothers:
+        if sm.prev_alpha is not None and sm.prev_alpha.shape == (1, 1, h, w):
+            prev_a.append(sm.prev_alpha)
+            prev_g.append(sm.prev_grey)
+        else:
+            prev_a.append(no_history(1, h, w, alphas.device, alphas.dtype))
+            prev_g.append(no_history(1, h, w, alphas.device, alphas.dtype))
+            missing = True
+    g = grey(frames_small)
+    same = all(x == strengths[0] for x in strengths)  # one float: no per-row tensor to build
+    out, cut = smooth_batch(alphas, g, torch.cat(prev_a), torch.cat(prev_g),
+                            float(strengths[0]) if same else list(strengths), all_history=not missing,
+                            **smoothers[0].params)
+    for i, (sm, strength) in enumerate(zip(smoothers, strengths)):
+        if strength <= 0:
+            sm.reset()  # off: switched on again, it starts from that frame
+        else:
+            sm.prev_alpha, sm.prev_grey, sm.scene_cut = out[i:i + 1], g[i:i + 1], cut[i:i + 1]
+    return out

@@ -27,7 +27,7 @@ class Uploader:
     def upload(self, arrays: list[np.ndarray]) -> list[torch.Tensor]:
         """uint8 arrays -> device uint8 tensors of the same shapes, ready on the current stream."""
         if not self.cuda:
-            return [torch.from_numpy(np.ascontiguousarray(a)) for a in arrays]
+            return [torch.from_numpy(a) for a in arrays]  # strided views too: consumers copy them once anyway
         j, self.slot = self.slot, self.slot ^ 1
         total = sum(a.nbytes for a in arrays)
         if self.uploaded[j] is not None:
@@ -42,7 +42,7 @@ class Uploader:
         flat = host.numpy()
         offsets, off = [], 0
         for a in arrays:
-            flat[off:off + a.nbytes] = np.ascontiguousarray(a).reshape(-1)
+            flat[off:off + a.nbytes].reshape(a.shape)[...] = a  # one copy, even from a strided view
             offsets.append(off)
             off += a.nbytes
         with torch.cuda.stream(self.stream):

@@ -268,7 +268,7 @@ def tune_process(device) -> None:
     gc.freeze()
     # The engine thread needs the GIL between its many small torch ops while the event loop runs aiortc's
     # pure-Python RTP path; at the default 5 ms switch interval the engine spends much of each batch waiting.
-    sys.setswitchinterval(0.0005)
+    sys.setswitchinterval(0.0001)
     if device.type == "cpu":
         import torch
 

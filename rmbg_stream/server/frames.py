@@ -25,7 +25,11 @@ def rgb_to_i420(rgb: np.ndarray) -> np.ndarray:
 
 def stacked_i420(rgb: np.ndarray, alpha: np.ndarray) -> np.ndarray:
     """I420 of a (2H, W) frame: the colour on top, the alpha as grey below, chroma neutral there."""
-    top = rgb_to_i420(rgb)
+    return stack_i420(rgb_to_i420(rgb), alpha)
+
+
+def stack_i420(top: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    """`stacked_i420` from the colour already in I420."""
     alpha = _even(alpha)
     h, w = alpha.shape
     luma, chroma = h * w, (h // 2) * (w // 2)
@@ -41,7 +45,8 @@ def stacked_i420(rgb: np.ndarray, alpha: np.ndarray) -> np.ndarray:
 
 
 def video_frame(i420: np.ndarray) -> av.VideoFrame:
-    return av.VideoFrame.from_ndarray(i420, format="yuv420p")
+    # Wraps the array without a copy; the frame keeps it alive until the encoder is done with it.
+    return av.VideoFrame.from_numpy_buffer(np.ascontiguousarray(i420), format="yuv420p")
 
 
 def split_rgba(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

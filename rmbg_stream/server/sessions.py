@@ -21,11 +21,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import av
 import numpy as np
 from PIL import Image
 
 from ..engine.composite import Background, parse_background
 from ..engine.engine import Engine, Result, StreamOptions, as_rgb
+from ..engine.yuv import i420_planes, join_i420, spec_of
 from .metrics import Histogram, Meter
 
 log = logging.getLogger(__name__)
@@ -53,7 +55,7 @@ class Tag:
     """Travels with a frame through the engine (as its meta)."""
 
     arrived: float  # when the server had the frame (monotonic)
-    rgb: np.ndarray | None = None  # the input colour, kept while an OBS view needs it
+    source: np.ndarray | None = None  # the input colour (RGB, or I420 for WebRTC), kept while an OBS view needs it
     seq: int = 0  # WebSocket: the client's sequence number and timestamp, echoed back
     timestamp: float = 0.0
     fmt: int = 0
@@ -176,8 +178,10 @@ class Session:
         self.stream = None
         if kind != "viewer":
             options = StreamOptions(background=self.background, smoothing=self.smoothing, image=True, alpha=False)
+            # WebRTC decodes to I420 and encodes from it: the engine works on that directly, no RGB round trip.
             self.stream = manager.engine.open_stream(live=True, options=options, max_in_flight=2,
-                                                     on_result=self._on_result)
+                                                     on_result=self._on_result,
+                                                     pixel_format="yuv420p" if kind == "webrtc" else "rgb24")
 
     # -- frames in
     def arrived(self, now: float) -> None:
@@ -189,10 +193,19 @@ class Session:
         """Called on the event loop with a decoded frame (av.VideoFrame or RGB array); never blocks."""
         if self.paused or self.closed:
             return
-        rgb = as_rgb(frame)
-        if self.viewers:
-            tag.rgb = rgb
-        self.stream.submit(rgb, pts=tag.arrived, meta=tag)
+        spec = None
+        if self.stream.yuv:
+            if isinstance(frame, av.VideoFrame) and (frame.width % 2 or frame.height % 2):
+                frame = frame.reformat(width=frame.width & ~1, height=frame.height & ~1)  # 4:2:0 needs even sizes
+            spec = spec_of(frame)
+            pixels = i420_planes(frame)
+            if self.viewers:
+                tag.source = join_i420(pixels)
+        else:
+            pixels = as_rgb(frame)
+            if self.viewers:
+                tag.source = pixels
+        self.stream.submit(pixels, pts=tag.arrived, meta=tag, spec=spec)
 
     def _on_result(self, result: Result) -> None:
         # The engine's thread: hop to the loop, which owns everything else.

@@ -20,7 +20,7 @@ from aiortc import MediaStreamTrack, RTCPeerConnection, RTCSessionDescription, r
 from aiortc.jitterbuffer import JitterBuffer, JitterFrame
 from aiortc.mediastreams import VIDEO_TIME_BASE, MediaStreamError
 
-from .frames import rgb_to_i420, split_rgba, stacked_i420, video_frame
+from .frames import rgb_to_i420, split_rgba, stack_i420, stacked_i420, video_frame
 from .sessions import Closed, ControlError, Session, SessionManager, Tag, parse_control
 
 log = logging.getLogger(__name__)
@@ -84,15 +84,18 @@ class NoCamera(LookupError):
 
 def render(result, stacked: bool):
     """A result as an I420 array; None when a stacked frame is wanted but this result has no alpha yet."""
-    img = result.image
-    if img.shape[2] == 4:
+    img, fmt = result.image, result.format
+    if fmt == "rgba":
         return stacked_i420(*split_rgba(img))
+    if fmt == "yuva420p":
+        return stack_i420(img, result.alpha)
     if stacked:
+        # The straight input colour: the camera page's background is not the OBS view's.
         tag = result.meta
-        if tag.rgb is None or result.alpha is None:
+        if tag.source is None or result.alpha is None:
             return None  # a frame submitted before the view attached
-        return stacked_i420(tag.rgb, result.alpha)
-    return rgb_to_i420(img)
+        return stack_i420(tag.source, result.alpha) if fmt == "yuv420p" else stacked_i420(tag.source, result.alpha)
+    return img if fmt == "yuv420p" else rgb_to_i420(img)
 
 
 class ResultTrack(MediaStreamTrack):
