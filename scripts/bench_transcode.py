@@ -5,11 +5,11 @@
     python scripts/bench_transcode.py --model birefnet-lite --device cuda --frames 300
 
 For each size an H.264 clip with AAC audio is generated (PyAV), decoded once into memory for the engine-only run
-(same options, results drained and dropped), then transcoded with `rmbg_stream.transcode` (decode thread,
-engine, encode thread, audio copy, atomic rename). Runs alternate and the best of --repeats counts for both, so
-a burst of other load on the machine does not decide the ratio; on Linux each run also records the share of the
-CPUs that other processes used meanwhile ("others"), and runs where that exceeds 5 % are left out of the best
-when quieter ones exist.
+(same options and frame layout as the transcoder uses, results drained and dropped), then transcoded with
+`rmbg_stream.transcode` (decode thread, engine, encode thread, audio copy, atomic rename). Runs alternate and the
+best of --repeats counts for both, so a burst of other load on the machine does not decide the ratio; on Linux
+each run also records the share of the CPUs that other processes used meanwhile ("others"), and runs where that
+exceeds 5 % are left out of the best when quieter ones exist.
 """
 
 from __future__ import annotations
@@ -33,7 +33,8 @@ from rmbg_stream.cli import build_backend
 from rmbg_stream.engine.composite import parse_background
 from rmbg_stream.engine.engine import Engine, StreamOptions
 from rmbg_stream.media.reader import VideoReader
-from rmbg_stream.transcode import transcode
+from rmbg_stream.media.writer import plan
+from rmbg_stream.transcode import share_cpu, transcode
 
 SIZES = {"720p": (1280, 720), "1080p": (1920, 1080)}
 
@@ -90,8 +91,9 @@ def best(runs: list[tuple[float, float | None]]) -> float:
     return max(quiet or [fps for fps, _ in runs])
 
 
-def engine_fps(engine: Engine, frames: list, options: StreamOptions) -> float:
-    stream = engine.open_stream(live=False, options=options)
+def engine_fps(engine: Engine, frames: list, options: StreamOptions, reader: VideoReader) -> float:
+    stream = engine.open_stream(live=False, options=options, pixel_format="yuv420p" if reader.yuv else "rgb24",
+                                spec=reader.spec)
     done = []
     consumer = threading.Thread(target=lambda: done.extend(r.index for r in iter(stream.get, None)))
     t0 = time.perf_counter()
@@ -129,6 +131,7 @@ def main() -> None:
     args = ap.parse_args()
 
     backend = build_backend(args)
+    share_cpu(backend)  # as `rmbg-stream transcode` does
     device = backend.device
     n = args.frames or (300 if device.type == "cuda" else 90)
     background = parse_background(args.background)
@@ -139,12 +142,14 @@ def main() -> None:
             w, h = SIZES[name]
             clip = Path(tmp) / f"{name}.mp4"
             make_clip(clip, w, h, n)
-            with VideoReader(clip) as reader:
+            # The frames as the transcoder gets them (4:2:0 planes when the output is 4:2:0 too).
+            with VideoReader(clip, prefer_yuv=plan(Path(tmp) / f"out{args.output}", "rgb", 2, 2).pix_fmt
+                             == "yuv420p") as reader:
                 frames = list(reader)
-            engine_fps(engine, frames[: 2 * args.batch], options)  # first-call costs out of the measurement
+            engine_fps(engine, frames[: 2 * args.batch], options, reader)  # first-call costs out of the measurement
             e, t = [], []
             for _ in range(args.repeats):
-                e.append(measured(engine_fps, engine, frames, options))
+                e.append(measured(engine_fps, engine, frames, options, reader))
                 t.append(measured(transcode_fps, engine, clip, Path(tmp) / f"out{args.output}", background, n))
             results[name] = {
                 "frame_size": f"{w}x{h}", "frames": n, "engine_fps": round(best(e), 3),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import importlib.util
 import io
 import json
 import re
@@ -15,6 +16,7 @@ import subprocess
 import sys
 import time
 from argparse import Namespace
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -667,3 +669,21 @@ def test_offer_that_never_connects_is_cleaned_up(monkeypatch):
             assert_clean(app)
 
     run(main())
+
+
+def test_a_built_wheel_carries_the_web_page(tmp_path):
+    """`serve` from a non-editable install must find the page: web/ is packaged as rmbg_stream/web."""
+    root = server_app.WEB_DIR.parent
+    isolation = [] if importlib.util.find_spec("setuptools") is None else ["--no-build-isolation"]
+    subprocess.run([sys.executable, "-m", "pip", "wheel", str(root), "--no-deps", *isolation, "-q",
+                    "-w", str(tmp_path / "wheel")], check=True, capture_output=True, timeout=300)
+    wheel = next((tmp_path / "wheel").glob("rmbg_stream-*.whl"))
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(tmp_path / "site"),
+                    str(wheel)], check=True, capture_output=True, timeout=300)
+    code = "from rmbg_stream.server.app import WEB_DIR; print(WEB_DIR)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True,
+                         env={"PYTHONPATH": str(tmp_path / "site"), "PATH": "/usr/bin:/bin"}).stdout.strip()
+    web_dir = Path(out)
+    assert web_dir.is_relative_to(tmp_path / "site"), out
+    names = {p.name for p in web_dir.iterdir()}
+    assert {"index.html", "app.js", "obs.html", "obs.js", "stacked.js", "style.css"} <= names

@@ -130,7 +130,7 @@ def i420_planes(frame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         return tuple(np.frombuffer(p, np.uint8, p.line_size * p.height).reshape(p.height, p.line_size)[:, :p.width]
                      for p in frame.planes[:3])
     a = np.asarray(frame)
-    if a.dtype != np.uint8 or a.ndim != 2 or a.shape[0] % 3 or a.shape[1] % 2 or (a.shape[0] // 3) % 2:
+    if a.dtype != np.uint8 or a.ndim != 2 or a.shape[0] % 3 or a.shape[1] % 2:
         raise ValueError(f"expected a uint8 (3H/2, W) I420 frame with even H and W, got {a.dtype} {a.shape}")
     h, w = a.shape[0] * 2 // 3, a.shape[1]
     flat = a.reshape(-1)

@@ -18,6 +18,8 @@ from pathlib import Path
 import av
 import numpy as np
 
+from ..engine.yuv import i420_planes, spec_of
+
 log = logging.getLogger(__name__)
 
 VIDEO_SUFFIXES = {".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".mpg", ".mpeg", ".ts", ".mts", ".m2ts",
@@ -51,11 +53,12 @@ class VideoInfo:
     sample_aspect_ratio: Fraction | None
     codec: str
     index: int  # the stream's index in the container
+    pix_fmt: str = ""  # of the decoded frames
 
 
 @dataclass
 class Frame:
-    image: np.ndarray  # H x W x 3 uint8 RGB, upright
+    image: np.ndarray | tuple  # H x W x 3 uint8 RGB, upright; or (Y, U, V) 4:2:0 planes when the reader is `yuv`
     pts: int  # in VideoInfo.time_base
     time: float  # seconds
 
@@ -108,7 +111,9 @@ class VideoReader:
     output is created. Any later decode error, including a truncated file, ends the iteration with MediaError.
     """
 
-    def __init__(self, path: str | Path, queue_size: int = 8):
+    def __init__(self, path: str | Path, queue_size: int = 8, prefer_yuv: bool = False):
+        """`prefer_yuv`: hand out the decoder's 4:2:0 planes untouched (no RGB conversion) when the video is 8-bit
+        4:2:0 with even sizes and no rotation; `yuv` and `spec` say whether that happened."""
         self.path = str(path)
         self.container = open_input(path)
         videos = [s for s in self.container.streams.video if not s.disposition & av.stream.Disposition.attached_pic]
@@ -144,10 +149,16 @@ class VideoReader:
         frames = stream.frames or (round(duration * rate) if duration and rate else 0)
         self.info = VideoInfo(
             path=self.path, width=w, height=h, time_base=tb, rate=rate, frames=frames, duration=duration,
-            rotation=rotation, color_range=int(first.color_range), colorspace=int(first.colorspace),
+            # yuvj formats are full range whatever the tag says.
+            rotation=rotation, color_range=2 if first.format.name.startswith("yuvj") else int(first.color_range),
+            colorspace=int(first.colorspace),
             color_primaries=int(first.color_primaries), color_trc=int(first.color_trc),
             sample_aspect_ratio=sar, codec=stream.codec_context.name, index=stream.index,
+            pix_fmt=first.format.name,
         )
+        self.yuv = (prefer_yuv and first.format.name in ("yuv420p", "yuvj420p") and rotation == 0
+                    and first.width % 2 == 0 and first.height % 2 == 0)
+        self.spec = spec_of(first)
         self._first = self._convert(first)
         self._thread = threading.Thread(target=self._run, name="rmbg-decode", daemon=True)
         self._thread.start()
@@ -175,9 +186,12 @@ class VideoReader:
             pts = 0 if self._last_pts is None else self._last_pts + self._step
         self._last_pts = pts
         self.decoded += 1
+        tb = frame.time_base or self.stream.time_base or Fraction(1, 90000)
+        if self.yuv:
+            # A stream can change format mid-way; i420_planes converts such frames.
+            return Frame(i420_planes(frame), pts, float(pts * tb))
         # The frame's own colour range and matrix drive the conversion (full-range phone video stays right).
         rgb = frame.to_ndarray(format="rgb24", threads=io_threads())
-        tb = frame.time_base or self.stream.time_base or Fraction(1, 90000)
         return Frame(upright(rgb, self.rotation), pts, float(pts * tb))
 
     def _put(self, item) -> bool:

@@ -227,7 +227,8 @@ _STOP = object()
 
 
 class VideoWriter:
-    """`write(image, pts)` frames (H x W x 3 RGB, H x W x 4 RGBA or H x W grey uint8, per `mode`), then
+    """`write(image, pts)` frames (H x W x 3 RGB or (3H/2, W) I420 for mode "rgb", H x W x 4 RGBA, H x W grey
+    uint8, per `mode`), then
     `close()` to finish and rename onto the target, or `abort()` to leave nothing. Encoding and muxing run in a
     thread; an error there is raised by the next `write` or by `close`."""
 
@@ -377,12 +378,14 @@ class VideoWriter:
             # Level 1: several times faster than the default and only slightly larger.
             Image.fromarray(image).save(self.tmp / (PNG_PATTERN % (self.written + 1)), compress_level=1)
             return
-        fmt = {"rgb": "rgb24", "rgba": "rgba", "gray": "gray"}[self.mode]
+        i420 = self.mode == "rgb" and image.ndim == 2
+        fmt = "yuv420p" if i420 else {"rgb": "rgb24", "rgba": "rgba", "gray": "gray"}[self.mode]
         # Wrap the engine's array instead of copying it (from_ndarray's copy costs as much as the conversion).
         frame = av.VideoFrame.from_numpy_buffer(np.ascontiguousarray(image), format=fmt)
-        # AREA: a box filter for the 2:1 chroma decimation, better than swscale's bilinear default and cheaper.
-        frame = self.sws.reformat(frame, format=self.target.pix_fmt, dst_colorspace=self.matrix,
-                                  dst_color_range=self.color_range, interpolation="AREA", threads=io_threads())
+        if not (i420 and self.target.pix_fmt == "yuv420p"):  # I420 from the engine is in the source's matrix
+            # AREA: a box filter for the 2:1 chroma decimation, better than swscale's bilinear default and cheaper.
+            frame = self.sws.reformat(frame, format=self.target.pix_fmt, dst_colorspace=self.matrix,
+                                      dst_color_range=self.color_range, interpolation="AREA", threads=io_threads())
         frame.pts = pts
         frame.time_base = self.info.time_base
         self.container.mux(self.video.encode(frame))

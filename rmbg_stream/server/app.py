@@ -34,7 +34,9 @@ from .sessions import ControlError, Full, SessionManager
 
 log = logging.getLogger(__name__)
 
-WEB_DIR = Path(__file__).resolve().parents[2] / "web"
+# Installed: rmbg_stream/web (packaged from web/); a source checkout: web/ at its top.
+WEB_DIR = next((d for d in (Path(__file__).resolve().parents[1] / "web", Path(__file__).resolve().parents[2] / "web")
+                if d.is_dir()), Path(__file__).resolve().parents[2] / "web")
 OFFER_LIMIT = 64 * 1024
 MANAGER = web.AppKey("manager", SessionManager)
 
