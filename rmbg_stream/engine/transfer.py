@@ -27,7 +27,9 @@ class Uploader:
     def upload(self, arrays: list[np.ndarray]) -> list[torch.Tensor]:
         """uint8 arrays -> device uint8 tensors of the same shapes, ready on the current stream."""
         if not self.cuda:
-            return [torch.from_numpy(a) for a in arrays]  # strided views too: consumers copy them once anyway
+            # Strided views are fine (consumers copy them once anyway); read-only arrays (PIL's) are copied, as
+            # torch tensors are always writable.
+            return [torch.from_numpy(a if a.flags.writeable else a.copy()) for a in arrays]
         j, self.slot = self.slot, self.slot ^ 1
         total = sum(a.nbytes for a in arrays)
         if self.uploaded[j] is not None:
