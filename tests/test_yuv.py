@@ -208,10 +208,11 @@ def test_to_planes_from_strided_views_and_pack_round_trip():
         np.testing.assert_array_equal(packed[i].numpy(), f)
 
 
-def test_pack_i420_rounds_and_clamps():
+def test_pack_i420_rounds_to_nearest_code():
+    # In-range planes only (the contract: compositing keeps them in 0..1), including the float edges of 0 and 1.
     y = torch.tensor([[[[0.4, 0.6], [254.4, 254.6]]]]) / 255
-    y[..., 0, 0] = -0.2
-    y[..., 1, 1] = 1.3
+    y[..., 0, 0] = -1e-6
+    y[..., 1, 1] = 1 + 1e-6
     uv = torch.tensor([[[[127.5]], [[127.49]]]]) / 255
     out = pack_i420(y, uv)[0].numpy()
     assert out.shape == (3, 2)

@@ -104,3 +104,18 @@ def upsample2x(x: torch.Tensor) -> torch.Tensor:
     if x.is_cuda:
         return F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
     return _double(_double(x, -1), -2)
+
+
+def downscale(x: torch.Tensor, s: int) -> torch.Tensor:
+    """Mean over s x s blocks, (h, w) -> (ceil(h/s), ceil(w/s)) as adaptive average pooling gives."""
+    if s <= 1:
+        return x
+    h, w = x.shape[-2:]
+    if x.is_cuda or h % s or w % s:
+        return F.adaptive_avg_pool2d(x, (-(-h // s), -(-w // s)))
+    out = x[..., 0::s, 0::s].clone()
+    for i in range(s):
+        for j in range(s):
+            if i or j:
+                out += x[..., i::s, j::s]
+    return out.mul_(1 / (s * s))

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .filters import box_blur, max_filter
+from .filters import box_blur, downscale, max_filter, upsample2x
 
 # Side of the thumbnail the scene-cut test compares; coarse so that ordinary motion barely changes it.
 _THUMB = 32
@@ -99,18 +99,15 @@ def smooth_batch(
     # upsampled: large frames cost a few full-resolution passes instead of dozens.
     h, w = alphas.shape[-2:]
     scale = max(1, min(h, w) // _GATE)
-    coarse = (-(-h // scale), -(-w // scale))
     r = max(1, round(radius / scale)) if scale > 1 else radius
-    dg = (g - pg).abs()
+    diff = g - pg
     da = alphas - pa
+    dg = diff.abs()
     if scale > 1:
-        dg = F.adaptive_avg_pool2d(dg, coarse)
-        da = F.adaptive_avg_pool2d(da, coarse)
-        g_small, pg_small = F.adaptive_avg_pool2d(g, coarse), F.adaptive_avg_pool2d(pg, coarse)
-    else:
-        g_small, pg_small = g, pg
-    thumbs = F.adaptive_avg_pool2d(g_small, _THUMB) - F.adaptive_avg_pool2d(pg_small, _THUMB)
-    thumb_diff = thumbs.abs().mean((1, 2, 3))
+        coarse = downscale(torch.cat([dg, da, diff], 1), scale)
+        dg, da, diff = coarse[:, 0:1], coarse[:, 1:2], coarse[:, 2:3]
+    # Means are linear: the thumbnail of the difference is the difference of the thumbnails.
+    thumb_diff = F.adaptive_avg_pool2d(diff, _THUMB).abs().mean((1, 2, 3))
     cut = has_prev & (thumb_diff > cut_threshold)
 
     # Blur averages sensor noise down to its mean before the threshold; the dilation then covers the soft alpha
@@ -123,7 +120,8 @@ def smooth_batch(
     gate = torch.maximum(_smoothstep(motion, motion_low, motion_high), _smoothstep(change, change_low, change_high))
     gate = torch.where(cut.view(b, 1, 1, 1), 1.0, gate)  # a cut passes the raw alpha: weight 1 below
     if scale > 1:
-        gate = F.interpolate(gate, size=(h, w), mode="bilinear", align_corners=False)
+        exact2x = gate.shape[-2] * 2 == h and gate.shape[-1] * 2 == w
+        gate = upsample2x(gate) if exact2x else F.interpolate(gate, size=(h, w), mode="bilinear", align_corners=False)
     weight = (1 - keep * (1 - gate)).to(alphas.dtype)
     out = torch.lerp(pa, alphas, weight)  # exact at weight 1, so strength 0 and cuts return the raw alpha
     if hp is not None:
