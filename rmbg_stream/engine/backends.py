@@ -54,13 +54,26 @@ class ChromaBackend:
         m = torch.tensor([[-0.168736, -0.331264, 0.5], [0.5, -0.418688, -0.081312]], device=device)
         self.weight = m.view(2, 3, 1, 1)
         self.bias = -(m @ (torch.tensor(key, dtype=torch.float32, device=device) / 255))
+        self.key = tuple(key)
         self.tolerance = tolerance
         self.softness = softness
 
     @torch.inference_mode()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         d = torch.nn.functional.conv2d(x, self.weight, self.bias)
-        dist = d.square_().sum(1, keepdim=True).sqrt_()
+        return self._soft(d)
+
+    @torch.inference_mode()
+    def key_chroma(self, uv: torch.Tensor, spec) -> torch.Tensor:
+        """The same key straight from 4:2:0 chroma planes (B,2,h,w) (code values / 255 in `spec`'s range):
+        YUV streams skip the round trip through RGB."""
+        _, ku, kv = spec.color(self.key)
+        scale = 1.0 if spec.full_range else 255 / 224  # chroma codes -> the full-range Cb/Cr the key uses
+        d = torch.cat([uv[:, :1] - ku / 255, uv[:, 1:] - kv / 255], 1).mul_(scale)
+        return self._soft(d)
+
+    def _soft(self, cbcr: torch.Tensor) -> torch.Tensor:
+        dist = cbcr.square_().sum(1, keepdim=True).sqrt_()
         return dist.sub_(self.tolerance).div_(self.softness).clamp_(0, 1)
 
 

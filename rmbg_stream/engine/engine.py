@@ -455,24 +455,32 @@ class Engine:
             key = (tuple(f[0].shape), item.spec) if s.yuv else (tuple(f.shape), None)
             groups.setdefault(key, []).append(k)
         size = self.backend.resolution
-        work = []
+        work = []  # per group: row indices into the batch, full-size planes, network input, alpha once known
         for (_, spec), idx in groups.items():
+            alpha = None
             if spec is not None:
                 y, uv = to_planes([frames[k] for k in idx])
                 planes = (y, uv)
-                # Backends without a resolution (the chroma keyer) work at the chroma planes' size.
-                small = yuv_to_rgb(y, uv, spec, size or tuple(uv.shape[-2:]))
+                if size is None and hasattr(self.backend, "key_chroma"):
+                    # The chroma keyer reads the chroma planes as they are; smoothing only needs the luma.
+                    small, alpha = half(y), self.backend.key_chroma(uv, spec)
+                else:
+                    # Backends without a resolution work at the chroma planes' size.
+                    small = yuv_to_rgb(y, uv, spec, size or tuple(uv.shape[-2:]))
             else:
                 frame = torch.cat([to_float(frames[k]) for k in idx])
                 planes = (frame,)
                 small = resize(frame, size) if size is not None else frame
-            work.append((idx, planes, small))
-        if size is not None and len(work) > 1:
-            alphas = self.backend(torch.cat([w[2] for w in work])).split([len(w[0]) for w in work])
+            work.append([idx, planes, small, alpha])
+        todo = [w for w in work if w[3] is None]
+        if size is not None and len(todo) > 1:
+            for w, a in zip(todo, self.backend(torch.cat([w[2] for w in todo])).split([len(w[0]) for w in todo])):
+                w[3] = a
         else:
-            alphas = [self.backend(w[2]) for w in work]
+            for w in todo:
+                w[3] = self.backend(w[2])
         outputs: list = [None] * len(batch)
-        for (idx, planes, small), a in zip(work, alphas):
+        for idx, planes, small, a in work:
             streams = [batch[k][0] for k in idx]
             a = smooth_streams([s.smoother for s in streams], a, small, [s.options.smoothing for s in streams])
             a_full = self._upsample(a, planes[0])

@@ -24,7 +24,7 @@ from .filters import box_blur, downscale, max_filter, upsample2x
 # Side of the thumbnail the scene-cut test compares; coarse so that ordinary motion barely changes it.
 _THUMB = 32
 # Side of the coarse grid the motion gate is computed on.
-_GATE = 128
+_GATE = 64
 
 
 def grey(frames: torch.Tensor) -> torch.Tensor:
