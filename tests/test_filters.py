@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rmbg_stream.engine.filters import box_blur, half, max_filter, upsample2x
+from rmbg_stream.engine.filters import box_blur, downscale, half, max_filter, upsample2x
 
 # (B, C, H, W): odd sizes, batches, several channels, and images smaller than the window.
 SHAPES = [(1, 1, 17, 23), (3, 2, 31, 20), (2, 4, 8, 9), (1, 3, 1, 13), (1, 1, 11, 1), (2, 1, 3, 4)]
@@ -163,3 +163,16 @@ def test_box_blur_and_max_filter_on_non_contiguous_input():
     for r in (2, 9):
         torch.testing.assert_close(box_blur(x, r), ref_box(x.contiguous(), r), rtol=0, atol=2e-6)
         torch.testing.assert_close(max_filter(x, r), ref_max(x.contiguous(), r), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("s", [1, 2, 3, 4])
+@pytest.mark.parametrize("shape", [(1, 1, 12, 16), (2, 3, 10, 7), (1, 2, 5, 5)])
+def test_downscale_is_the_mean_of_each_block(s, shape):
+    x = torch.rand(*shape, generator=torch.Generator().manual_seed(s))
+    out = downscale(x, s)
+    h, w = shape[-2:]
+    assert out.shape[-2:] == (-(-h // s), -(-w // s))
+    for i in range(out.shape[-2]):
+        for j in range(out.shape[-1]):
+            block = x[..., i * s:(i + 1) * s, j * s:(j + 1) * s]
+            torch.testing.assert_close(out[..., i, j], block.mean((-1, -2)))

@@ -687,3 +687,37 @@ def test_a_built_wheel_carries_the_web_page(tmp_path):
     assert web_dir.is_relative_to(tmp_path / "site"), out
     names = {p.name for p in web_dir.iterdir()}
     assert {"index.html", "app.js", "obs.html", "obs.js", "stacked.js", "style.css"} <= names
+
+
+def test_server_vp8_encoder_runs_without_the_denoiser():
+    """The sender's VP8 encoder gets aiortc's options with noise-sensitivity 0 and still makes a decodable stream;
+    H.264 keeps aiortc's own encoder."""
+    import av
+    from aiortc import rtcrtpsender
+    from aiortc.codecs import get_decoder
+    from aiortc.jitterbuffer import JitterFrame
+    from aiortc.rtcrtpparameters import RTCRtpCodecParameters
+
+    webrtc.use_clean_vp8_encoder()  # as make_app does
+    vp8 = RTCRtpCodecParameters(mimeType="video/VP8", clockRate=90000, payloadType=96)
+    h264 = RTCRtpCodecParameters(mimeType="video/H264", clockRate=90000, payloadType=97)
+    encoder = rtcrtpsender.get_encoder(vp8)
+    assert isinstance(encoder, webrtc.CleanVp8Encoder)
+    assert not isinstance(rtcrtpsender.get_encoder(h264), webrtc.CleanVp8Encoder)
+
+    ctx = webrtc._Vp8Context(av.CodecContext.create("libvpx", "w"))
+    ctx.options = {"noise-sensitivity": "4", "cpu-used": "-6"}
+    assert ctx._ctx.options == {"noise-sensitivity": "0", "cpu-used": "-6"}
+
+    source = GreenScreen(320, 240)
+    decoder = get_decoder(vp8)
+    for n in range(3):
+        frame = frames.video_frame(source.frame(n))
+        frame.pts, frame.time_base = n * 3000, webrtc.VIDEO_TIME_BASE
+        payloads, _ = encoder.encode(frame)
+        data = b"".join(webrtc.vpx.VpxPayloadDescriptor.parse(p)[1] for p in payloads)
+        (out,) = decoder.decode(JitterFrame(data=data, timestamp=0))
+        plane = out.planes[0]
+        luma = np.frombuffer(plane, np.uint8).reshape(-1, plane.line_size)[: out.height, : out.width]
+        assert read_stamp(luma) == n
+    assert isinstance(encoder.codec, webrtc._Vp8Context)

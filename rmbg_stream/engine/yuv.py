@@ -118,8 +118,8 @@ def pack_i420(y: torch.Tensor, uv: torch.Tensor) -> torch.Tensor:
     # Into the packed buffer directly; float -> uint8 truncates, so 0.5 + 255 x rounds. One fused op each: at
     # 720p the usual mul / add / clamp chain costs twice as much.
     half = torch.full((), 0.5, device=y.device)
-    out[:, :n].view(b, 1, h, w).copy_(torch.add(half, y, alpha=255))
-    out[:, n:].view(b, 2, h // 2, w // 2).copy_(torch.add(half, uv, alpha=255))
+    out[:, :n].copy_(torch.add(half, y, alpha=255).view(b, n))
+    out[:, n:].copy_(torch.add(half, uv, alpha=255).view(b, -1))
     return out.view(b, -1, w)
 
 

@@ -232,6 +232,7 @@ def static_routes(web_dir: Path) -> list[web.RouteDef]:
 
 
 def make_app(engine: Engine, config: Config) -> web.Application:
+    webrtc.use_clean_vp8_encoder()
     app = web.Application(middlewares=[errors_as_json], client_max_size=config.upload_limit + 4096)
     upload_dir = Path(tempfile.mkdtemp(prefix="rmbg-serve-"))
     manager = SessionManager(engine, max_sessions=config.max_sessions, background=config.background,
