@@ -271,6 +271,7 @@ def tune_process(device) -> None:
     gc.freeze()
     # The engine thread needs the GIL between its many small torch ops while the event loop runs aiortc's
     # pure-Python RTP path; at the default 5 ms switch interval the engine spends much of each batch waiting.
+    # 0.1 ms: 4 sessions at 640x480 went from 18 to 23 fps each on two cores against 0.5 ms.
     sys.setswitchinterval(0.0001)
     if device.type == "cpu":
         import torch
