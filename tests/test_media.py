@@ -39,7 +39,8 @@ def scene(i: int, w: int, h: int) -> tuple[np.ndarray, np.ndarray]:
 
 def make_clip(path, n: int = 30, size: tuple[int, int] = (160, 96), rate: int = 30, pts: list[int] | None = None,
               audio: bool = True, rotation: int | None = None, color_range: int | None = None,
-              codec: str = "libx264", pix_fmt: str | None = None, faststart: bool = False) -> list[int]:
+              codec: str = "libx264", pix_fmt: str | None = None, faststart: bool = False,
+              bt709: bool = False) -> list[int]:
     """A green-screen clip with a moving box (lossless x264 by default); returns the pts used (time base TB).
     `pts` gives irregular timestamps (variable frame rate); audio is a 440 Hz tone as long as the video."""
     w, h = size
@@ -55,6 +56,8 @@ def make_clip(path, n: int = 30, size: tuple[int, int] = (160, 96), rate: int = 
             v.options = {"qp": "0", "preset": "ultrafast"}
         if color_range is not None:
             v.codec_context.color_range = color_range
+        if bt709:
+            v.codec_context.colorspace = 1  # AVCOL_SPC_BT709
         if rotation is not None:
             v.set_display_rotation(rotation)
         a = None
@@ -65,7 +68,8 @@ def make_clip(path, n: int = 30, size: tuple[int, int] = (160, 96), rate: int = 
         for i, p in enumerate(pts):
             img, _ = scene(i, w, h)
             frame = av.VideoFrame.from_ndarray(img, format="rgb24")
-            frame = frame.reformat(format=v.pix_fmt, dst_color_range=color_range)
+            frame = frame.reformat(format=v.pix_fmt, dst_color_range=color_range,
+                                   dst_colorspace="ITU709" if bt709 else None)
             frame.pts, frame.time_base = p, TB
             c.mux(v.encode(frame))
             while a is not None and samples < min(float(p * TB) + 1 / rate, end) * 48000:

@@ -114,6 +114,45 @@ def test_full_colour_range_is_kept(tmp_path):
     assert np.abs(got[2][outside].astype(int) - (0, 0, 255)).max() <= 6
 
 
+@pytest.mark.parametrize("tags", [{}, {"color_range": 2}, {"bt709": True}], ids=["601-limited", "full", "709"])
+def test_420_sources_go_through_as_planes_and_keep_their_colours(tmp_path, tags):
+    """8-bit 4:2:0 in and out: no RGB conversion on the way (the reader hands out planes), and the new background
+    comes out right in the source's own matrix and range, which the output keeps."""
+    from rmbg_stream.media.reader import VideoReader
+
+    src = tmp_path / "420.mp4"
+    make_clip(src, n=8, size=(W, H), audio=False, pix_fmt="yuv420p", **tags)
+    with VideoReader(src, prefer_yuv=True) as r:
+        assert r.yuv and isinstance(next(iter(r)).image, tuple)
+    out = tmp_path / "out.mp4"
+    assert run(src, "-o", out, "--background", "#0000ff", "--crf", "1") == 0
+    with av.open(str(out)) as c:
+        cc = c.streams.video[0].codec_context
+        full = tags.get("color_range") == 2
+        assert cc.pix_fmt == ("yuvj420p" if full else "yuv420p")  # how FFmpeg's H.264 decoder names full range
+        assert (cc.color_range == 2) == full
+        assert cc.colorspace == (1 if tags.get("bt709") else 2)  # 2: unspecified, as the source
+    got, times, _ = read_video(out)
+    _, src_times, _ = read_video(src)
+    assert times == src_times
+    for i in (2, 7):
+        _, truth = scene(i, W, H)
+        inside, outside = regions(truth)
+        assert np.abs(got[i][inside].astype(int) - BOX).max() <= 10  # the source's own 4:2:0 rounding
+        assert np.abs(got[i][outside].astype(int) - (0, 0, 255)).max() <= 6
+
+
+def test_mask_of_a_420_source(tmp_path):
+    src = tmp_path / "420.mp4"
+    make_clip(src, n=4, size=(W, H), audio=False, pix_fmt="yuv420p")
+    out = tmp_path / "mask.mp4"
+    assert run(src, "-o", out, "--mask", "--crf", "1") == 0
+    got, _, _ = read_video(out)
+    _, truth = scene(3, W, H)
+    inside, outside = regions(truth)
+    assert got[3][inside].min() >= 250 and got[3][outside].max() <= 5
+
+
 @pytest.mark.parametrize("name, decoder", [("cut.mov", None), ("cut.webm", "libvpx-vp9"), ("frames", None)])
 def test_transparent_outputs_have_alpha(clip, tmp_path, name, decoder):
     out = tmp_path / name
