@@ -1,8 +1,9 @@
-"""Box and max filters shared by smoothing and compositing.
+"""Box and max filters, block means and 2x resampling, shared by smoothing, compositing and the 4:2:0 path.
 
 PyTorch's stride-1 pooling kernels are slow on the CPU (a 5-tap separable box over 640x480 takes ~15 ms, a
 9-tap max ~19 ms): there the windows are summed from shifted slices (small radii) or a running sum (large ones),
-10-20x faster. CUDA's pooling kernels are fast and one launch per pass, so the GPU keeps them.
+10-20x faster; 2x2 means and 2x bilinear upsampling are written out for the same reason. CUDA's kernels are fast
+and one launch per pass, so the GPU keeps them.
 """
 
 from __future__ import annotations

@@ -61,7 +61,8 @@ def smooth_batch(
     max_keep: float = 0.9,
     all_history: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Smooth one batch of alphas (B,1,h,w) given frames (B,3,h,w) 0..1 at the same size and per-stream history.
+    """Smooth one batch of alphas (B,1,h,w) given frames (B,3,h,w) RGB or (B,1,h,w) grey, 0..1, at the same size
+    and per-stream history.
 
     ``strengths``: 0..1 per row (float, sequence or (B,) tensor); 0 returns the raw alpha. At a still pixel the
     new alpha gets weight ``1 - max_keep * strength``; motion in the image (blurred |frame - prev_frame| between

@@ -53,7 +53,6 @@ class VideoInfo:
     sample_aspect_ratio: Fraction | None
     codec: str
     index: int  # the stream's index in the container
-    pix_fmt: str = ""  # of the decoded frames
 
 
 @dataclass
@@ -154,7 +153,6 @@ class VideoReader:
             colorspace=int(first.colorspace),
             color_primaries=int(first.color_primaries), color_trc=int(first.color_trc),
             sample_aspect_ratio=sar, codec=stream.codec_context.name, index=stream.index,
-            pix_fmt=first.format.name,
         )
         self.yuv = (prefer_yuv and first.format.name in ("yuv420p", "yuvj420p") and rotation == 0
                     and first.width % 2 == 0 and first.height % 2 == 0)
