@@ -322,3 +322,24 @@ def test_bad_yuv_frames_are_rejected_and_engine_keeps_serving(engine):
     s.close()
     with pytest.raises(ValueError, match="pixel_format"):
         engine.open_stream(live=False, pixel_format="nv12")
+
+
+def test_network_backend_on_a_420_stream_beside_an_rgb_one():
+    """A BiRefNet backend gets RGB at its resolution from either layout, in one batch; the alpha comes back at the
+    frame size (guided upsampling on the luma) and both streams see nearly the same mask for the same picture."""
+    torch.manual_seed(0)
+    backend = create_backend("random:swin_v1_t", torch.device("cpu"), resolution=(64, 64))
+    i420 = GreenScreen(320, 240).frame(5)
+    rgb = cv2.cvtColor(i420, cv2.COLOR_YUV2RGB_I420)
+    options = StreamOptions(background=parse_background("transparent"), smoothing=0.0, alpha=True)
+    with Engine(backend, max_batch=2, max_wait_ms=2000) as engine:
+        a = engine.open_stream(live=False, options=options, pixel_format="yuv420p")
+        b = engine.open_stream(live=False, options=options)
+        a.submit(i420)
+        b.submit(rgb)
+        ra, rb = a.get(timeout=120), b.get(timeout=120)
+        assert engine.stats()["batches"] == 1
+    assert ra.format == "yuva420p" and rb.format == "rgba"
+    np.testing.assert_array_equal(ra.image, i420)  # transparent: the colour passes through untouched
+    assert ra.alpha.shape == rb.alpha.shape == (240, 320)
+    assert np.abs(ra.alpha.astype(int) - rb.alpha.astype(int)).max() <= 3
