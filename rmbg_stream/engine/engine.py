@@ -231,29 +231,41 @@ class Stream:
             return self._bg_cache[1]
         return None
 
+    def _fill(self, planes: list[tuple[torch.Tensor, torch.Tensor]], colours: list, backgrounds: list) -> list:
+        """The background step for each (planes, alpha at their size) pair: RGB is one pair, 4:2:0 two (luma,
+        chroma). `colours` and `backgrounds` give each pair its background colour values (0..255) and image."""
+        o = self.options
+        kind = o.background.kind
+        out = []
+        for (x, alpha), colour, bg in zip(planes, colours, backgrounds):
+            fg = composite.decontaminate(x, alpha) if o.decontaminate else x
+            if kind == "color":
+                out.append(composite.composite_color(fg, alpha, colour))
+            elif kind in ("image", "video"):
+                out.append(fg if bg is None else composite.composite_image(fg, alpha, bg))
+            elif kind == "blur":
+                out.append(composite.composite_blur(x, alpha, o.background.strength, fg=fg))
+            elif kind == "transparent":
+                out.append(fg)  # the alpha goes with it
+            else:  # "none": the original frame
+                out.append(x)
+        return out
+
     def _render(self, frame: torch.Tensor, alpha: torch.Tensor, item: _Item) -> tuple[str, dict[str, torch.Tensor]]:
         """Frames (B,3,H,W) of streams with this stream's options (B > 1 only without image/video backgrounds)
         -> (format, {"image": (B,H,W,C) uint8, "alpha": (B,H,W) uint8})."""
         o = self.options
+        kind = o.background.kind
         out = {}
         fmt = "rgb24"
         if o.image:
             if o.mask_view:
                 img = alpha.expand(-1, 3, -1, -1)
             else:
-                fg = composite.decontaminate(frame, alpha) if o.decontaminate else frame
-                kind = o.background.kind
-                if kind == "color":
-                    img = composite.composite_color(fg, alpha, o.background.color)
-                elif kind in ("image", "video"):
-                    bg = self._background(*frame.shape[-2:], frame.device, item)
-                    img = fg if bg is None else composite.composite_image(fg, alpha, bg)
-                elif kind == "blur":
-                    img = composite.composite_blur(frame, alpha, o.background.strength, fg=fg)
-                elif kind == "transparent":
-                    img, fmt = composite.to_rgba(fg, alpha), "rgba"
-                else:  # "none": the original frame
-                    img = frame
+                bg = self._background(*frame.shape[-2:], frame.device, item) if kind in ("image", "video") else None
+                (img,) = self._fill([(frame, alpha)], [o.background.color], [bg])
+                if kind == "transparent":
+                    img, fmt = composite.to_rgba(img, alpha), "rgba"
             out["image"] = composite.to_uint8(img).permute(0, 2, 3, 1).contiguous()
         if o.alpha:
             out["alpha"] = composite.to_uint8(alpha)[:, 0]
@@ -273,27 +285,10 @@ class Stream:
                 lo, hi = spec.black_white()
                 y_out, uv_out = alpha * (hi - lo) + lo, torch.full_like(uv, 128 / 255)
             else:
-                if o.decontaminate:
-                    y_fg, uv_fg = composite.decontaminate(y, alpha), composite.decontaminate(uv, alpha_half)
-                else:
-                    y_fg, uv_fg = y, uv
-                if kind == "color":
-                    c = spec.color(o.background.color)
-                    y_out = composite.composite_color(y_fg, alpha, c[:1])
-                    uv_out = composite.composite_color(uv_fg, alpha_half, c[1:])
-                elif kind in ("image", "video"):
-                    bg = self._background_yuv(*y.shape[-2:], y.device, item)
-                    if bg is None:
-                        y_out, uv_out = y_fg, uv_fg
-                    else:
-                        y_out = composite.composite_image(y_fg, alpha, bg[0])
-                        uv_out = composite.composite_image(uv_fg, alpha_half, bg[1])
-                elif kind == "blur":
-                    y_out = composite.composite_blur(y, alpha, o.background.strength, fg=y_fg)
-                    uv_out = composite.composite_blur(uv, alpha_half, o.background.strength, fg=uv_fg)
-                else:  # transparent (the alpha goes with it) or none
-                    y_out, uv_out = y_fg, uv_fg
-                    fmt = "yuva420p" if kind == "transparent" else fmt
+                c = spec.color(o.background.color) if kind == "color" else (None,) * 3
+                bg = self._background_yuv(*y.shape[-2:], y.device, item) if kind in ("image", "video") else None
+                y_out, uv_out = self._fill([(y, alpha), (uv, alpha_half)], [c[:1], c[1:]], bg or [None, None])
+                fmt = "yuva420p" if kind == "transparent" else fmt
             out["image"] = pack_i420(y_out, uv_out)
         if o.alpha or (o.image and kind == "transparent" and not o.mask_view):
             out["alpha"] = composite.to_uint8(alpha)[:, 0]
