@@ -93,6 +93,8 @@ def load_birefnet(
     source = os.fspath(source)
     path, repo_id = resolve(source, cache_dir)
     spec = lookup(repo_id) if repo_id else None
+    named = spec or lookup_name(path.stem) or lookup_name(path.parent.name)
+    order, order_from = choose_order(path, patch_order, orders_in_code(path.parent), named)
     sd = read_state_dict(path)
 
     found = infer_backbone(sd, path)
@@ -113,8 +115,6 @@ def load_birefnet(
             "pass a BiRefNet / RMBG-2.0 checkpoint"
         )
 
-    named = spec or lookup_name(path.stem) or lookup_name(path.parent.name)
-    order, order_from = choose_order(path, patch_order, order_in_code(path.parent), named)
     model = build(chosen, convert_patch_order(sd, order, "legacy"), path)
     resolution = spec.resolution if spec else DEFAULT_RESOLUTION
     return model.eval(), ModelInfo(source, chosen, resolution, path, repo_id, spec, order, order_from)
@@ -123,25 +123,20 @@ def load_birefnet(
 # --- patch order -------------------------------------------------------------------------------
 
 
-def order_in_code(folder: Path) -> tuple[PatchOrder, Path] | None:
-    """The patch order the Python code bundled in `folder` uses, and the file that says so; None when no code does.
+def orders_in_code(folder: Path) -> dict[PatchOrder, Path]:
+    """The patch orders the Python code bundled in `folder` uses, each with a file that says so; {} without code.
 
-    The files are read as text and never imported or run. birefnet.py decides when it says anything.
+    The files are read as text and never imported or run. birefnet.py decides alone when it says anything.
     """
     files = sorted(folder.glob("*.py"), key=lambda p: (p.name != CODE_FILE, p.name))
     found: dict[PatchOrder, Path] = {}
     for file in files:
         order = order_in_text(file.read_text(encoding="utf-8", errors="replace"))
         if order is not None and file.name == CODE_FILE:
-            return order, file
+            return {order: file}
         if order is not None:
             found.setdefault(order, file)
-    if len(found) > 1:
-        says = ", ".join(f"{file.name} uses {order}" for order, file in found.items())
-        raise WeightsError(
-            f"the code in {folder} disagrees on the patch order ({says}): pass --patch-order legacy|current"
-        )
-    return next(iter(found.items()), None)
+    return found
 
 
 def order_in_text(code: str) -> PatchOrder | None:
@@ -151,15 +146,18 @@ def order_in_text(code: str) -> PatchOrder | None:
 
 
 def choose_order(
-    path: Path, asked: PatchOrder | None, code: tuple[PatchOrder, Path] | None, spec: ModelSpec | None
+    path: Path, asked: PatchOrder | None, code: Mapping[PatchOrder, Path], spec: ModelSpec | None
 ) -> tuple[PatchOrder, str]:
     """The order to load `path` in and what decided it: the caller, else the code, else the registry, else legacy."""
+    says = ", ".join(f"{file.name} uses {order}" for order, file in code.items())
     if asked is not None:
-        if code is not None and code[0] != asked:
-            log.warning("%s: loading in the %s patch order as asked, though %s uses %s", path, asked, code[1], code[0])
+        if set(code) - {asked}:
+            log.warning("%s: loading in the %s patch order as asked, though %s", path, asked, says)
         return asked, "argument"
-    if code is not None:
-        order, file = code
+    if len(code) > 1:
+        raise WeightsError(f"the code beside {path} disagrees on the patch order ({says}): pass --patch-order")
+    if code:
+        ((order, file),) = code.items()
         if spec is not None and spec.patch_order != order:
             log.warning(
                 "%s uses the %s patch order but the registry lists %s as %s: following the code",
@@ -287,9 +285,10 @@ def hub_file(repo_id: str, cache_dir: str | os.PathLike | None) -> Path:
             raise WeightsError(f"the Hugging Face hub failed on {repo_id}/{filename} ({brief(e)}): retry later") from e
         except Exception as e:
             raise WeightsError(f"could not fetch {repo_id}/{filename} from the Hugging Face hub ({brief(e)})") from e
-        if not local_only:
-            fetch_code(repo_id, path, cache_dir)
-        return path
+        else:
+            if not local_only:
+                fetch_code(repo_id, path, cache_dir)
+            return path
     if unreachable is not None:
         spec = lookup(repo_id)
         why = "HF_HUB_OFFLINE is set" if offline else brief(unreachable.__cause__ or unreachable)
