@@ -24,7 +24,7 @@ from tests.conformance import (
     synthetic_state_dict,
 )
 
-NO_FULL = f"{CONFORMANCE} is absent (set RMBG_CONFORMANCE): the full encoder features are not checked"
+NO_FULL = f"{CONFORMANCE} is absent (set RMBG_CONFORMANCE): this test needs the full vector files"
 
 
 @pytest.fixture(scope="module")

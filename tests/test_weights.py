@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -641,3 +642,69 @@ def test_every_model_command_takes_patch_order(command, capsys):
     with pytest.raises(SystemExit) as e:
         parser.parse_args([*command.split(), "--patch-order", "new"])
     assert e.value.code == 2 and "invalid choice: 'new'" in capsys.readouterr().err
+
+
+class ServingHub(BaseHTTPRequestHandler):
+    """Serves one repository the way huggingface.co does: the file listing of a revision, and its files."""
+
+    files: dict[str, bytes] = {}
+
+    def do_GET(self, body: bool = True):
+        parts = self.path.split("?")[0].lstrip("/").split("/")
+        name = "/".join(parts[4:])
+        status, data, headers = 404, b"", {"X-Error-Code": "EntryNotFound", "X-Error-Message": "Entry not found"}
+        if parts[:1] == ["api"] and "tree" in parts:  # snapshot_download lists a revision's files
+            tree = [{"type": "file", "path": f, "size": len(b), "oid": f"{i:040x}"} for i, (f, b) in self.listing()]
+            status, data, headers = 200, json.dumps(tree).encode(), {"Content-Type": "application/json"}
+        elif len(parts) >= 5 and parts[2] == "resolve" and name in self.files:
+            data = self.files[name]
+            status, headers = 200, {"X-Repo-Commit": COMMIT, "ETag": f'"{zlib.crc32(data):08x}"'}
+        self.send_response(status)
+        for k, v in {**headers, "Content-Length": str(len(data))}.items():
+            self.send_header(k, v)
+        self.end_headers()
+        if body:
+            self.wfile.write(data)
+
+    def listing(self):
+        return enumerate(self.files.items())
+
+    def do_HEAD(self):
+        self.do_GET(body=False)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_hub_download_fetches_the_bundled_code_and_takes_its_order(original, current_file, scratch):
+    _, x, expected, _ = original
+    ServingHub.files = {
+        "model.safetensors": current_file.read_bytes(),
+        "birefnet.py": CURRENT_CODE.encode(),
+        "config.json": b"{}",
+        "README.md": b"# weights\n",
+    }
+    server = ThreadingHTTPServer(("127.0.0.1", 0), ServingHub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    env = {k: v for k, v in os.environ.items() if not k.upper().endswith("_PROXY") and not k.startswith("HF_")}
+    env.update(HF_ENDPOINT=f"http://127.0.0.1:{server.server_port}", HF_HOME=str(scratch / "hf"), NO_PROXY="*")
+    script = (
+        "import json, torch\n"
+        "from rmbg_stream.models.weights import load_birefnet\n"
+        "model, info = load_birefnet('owner/hub-model')\n"
+        f"x = torch.load({str(scratch / 'x.pt')!r})\n"
+        "with torch.inference_mode():\n"
+        f"    torch.save(model(x), {str(scratch / 'out.pt')!r})\n"
+        "print(json.dumps([info.patch_order, info.order_from, sorted(p.name for p in info.path.parent.iterdir())]))\n"
+    )
+    torch.save(x, scratch / "x.pt")
+    try:
+        done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    finally:
+        server.shutdown()
+    assert done.returncode == 0, done.stderr[-2000:]
+    order, decided_by, files = json.loads(done.stdout.strip().splitlines()[-1])
+    # Only the weights and the code come down: no README or config is needed.
+    assert (order, decided_by, files) == ("current", "code birefnet.py", ["birefnet.py", "model.safetensors"])
+    got = torch.load(scratch / "out.pt")
+    assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))

@@ -318,8 +318,7 @@ def fetch_code(repo_id: str, weights: Path, cache_dir: str | os.PathLike | None)
     try:
         snapshot_download(repo_id, revision=commit, cache_dir=cache_dir, allow_patterns=["*.py"])
     except Exception as e:
-        log.warning("could not fetch the code bundled with %s (%s): its patch order comes from the registry",
-                    repo_id, brief(e))
+        log.warning("could not fetch the code bundled with %s (%s), which tells its patch order", repo_id, brief(e))
 
 
 def hub_offline() -> bool:
