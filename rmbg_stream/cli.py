@@ -18,6 +18,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="network precision; half precision needs CUDA (default: fp16 on CUDA, fp32 on CPU)")
     p.add_argument("--resolution", type=int, default=None, metavar="N",
                    help="square network input size, a multiple of 32 (default: the model's own)")
+    p.add_argument("--patch-order", default=None, choices=["legacy", "current"],
+                   help="patch order the checkpoint was trained with: legacy (RMBG-2.0, BiRefNet before 2024-11) or "
+                        "current (newer BiRefNet code) (default: from the code bundled with the checkpoint, else "
+                        "the model table, else legacy)")
 
 
 def build_backend(args):
@@ -25,7 +29,9 @@ def build_backend(args):
     from .engine.backends import create_backend
 
     res = (args.resolution, args.resolution) if args.resolution else None
-    return create_backend(args.model, pick_device(args.device), args.precision, res)
+    # Scripts (bench_transcode) and tests build their own Namespace without this newer option.
+    order = getattr(args, "patch_order", None)
+    return create_backend(args.model, pick_device(args.device), args.precision, res, patch_order=order)
 
 
 def cmd_image(args) -> int:

@@ -1,11 +1,30 @@
-"""The network contract: reference key layout, conformance vectors, batches and non-square inputs."""
+"""The network contract: reference key layout, conformance vectors in both patch orders, batches, non-square inputs.
+
+The compact vectors of tests/data run everywhere; the full encoder features need ../shared/conformance.
+"""
+
+from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
 
 from rmbg_stream.models import BACKBONES, BiRefNet
-from tests.conformance import BACKBONE, read_keys, synthetic_state_dict
+from rmbg_stream.models.birefnet import image_patches
+from rmbg_stream.models.weights import convert_patch_order, patch_permutation
+from tests.conformance import (
+    BACKBONE,
+    CONFORMANCE,
+    ENC_SUB,
+    ENCS,
+    VECTORS,
+    compact,
+    full_vectors,
+    read_keys,
+    synthetic_state_dict,
+)
+
+NO_FULL = f"{CONFORMANCE} is absent (set RMBG_CONFORMANCE): this test needs the full vector files"
 
 
 @pytest.fixture(scope="module")
@@ -22,25 +41,98 @@ def test_state_dict_layout_equals_reference(backbone):
     assert ours == [tuple(row) for row in read_keys(backbone)]
 
 
-@pytest.mark.parametrize("name", ["lite_256", "general_256"])
-def test_conformance_vectors(name):
-    sd, arrays = synthetic_state_dict(name)
-    model = BiRefNet(BACKBONE[name]).eval()
-    own = model.state_dict()
-    for key, value in sd.items():
-        if not value.is_floating_point() and "relative_position_index" in key:
-            assert torch.equal(own[key], value), f"derived buffer {key} differs from the reference"
-    model.load_state_dict(sd, strict=True)
-    x = torch.from_numpy(arrays["input"])
-    with torch.inference_mode():
-        got = {f"enc{i + 1}": t for i, t in enumerate(model.encode(x))}
-        got.update({f"out{i}": t for i, t in enumerate(model(x))})
-    assert len(got) == 8
+def assert_conforms(name: str, got: dict[str, torch.Tensor], ref: dict[str, np.ndarray]) -> None:
+    """The README's tolerance: max |diff| <= 2e-3 and mean |diff| <= 2e-4 on every array."""
     for key, tensor in got.items():
-        ref = arrays[key]
-        assert tensor.shape == ref.shape, key
-        diff = np.abs(tensor.numpy() - ref)
+        assert tensor.shape == ref[key].shape, key
+        diff = np.abs(tensor.numpy() - ref[key])
         assert diff.max() <= 2e-3 and diff.mean() <= 2e-4, f"{name} {key}: max {diff.max():.2e} mean {diff.mean():.2e}"
+
+
+@pytest.fixture(scope="module")
+def computed():
+    """name -> (our outputs and encoder features on that vector's input, its compact arrays); each run once."""
+    cache = {}
+
+    def get(name: str) -> tuple[dict[str, torch.Tensor], dict[str, np.ndarray]]:
+        if name not in cache:
+            sd, arrays = synthetic_state_dict(name)
+            model = BiRefNet(BACKBONE[name]).eval()
+            own = model.state_dict()
+            for key, value in sd.items():
+                if not value.is_floating_point() and "relative_position_index" in key:
+                    assert torch.equal(own[key], value), f"derived buffer {key} differs from the reference"
+            # Our model runs the legacy order: a current-order checkpoint is permuted at load, as the loader does.
+            model.load_state_dict(convert_patch_order(sd, VECTORS[name].patch_order, "legacy"), strict=True)
+            x = torch.from_numpy(arrays["input"])
+            with torch.inference_mode():
+                got = {k: t for k, t in zip(ENCS, model.encode(x), strict=True)}
+                got.update({f"out{i}": t for i, t in enumerate(model(x))})
+            cache[name] = got, arrays
+        return cache[name]
+
+    return get
+
+
+@pytest.mark.parametrize("name", list(VECTORS))
+def test_conformance_vectors(computed, name):
+    got, arrays = computed(name)
+    outs = {k: v for k, v in got.items() if k.startswith("out")}
+    subs = {f"{k}_sub": got[k][ENC_SUB] for k in ENCS}
+    assert len(outs) == 4 and len(subs) == 4
+    assert_conforms(name, {**outs, **subs}, arrays)
+
+
+@pytest.mark.skipif(full_vectors() is None, reason=NO_FULL)
+@pytest.mark.parametrize("name", list(VECTORS))
+def test_full_encoder_features_conform(computed, name):
+    got, _ = computed(name)
+    with np.load(full_vectors() / f"{name}.npz") as z:
+        full = {k: z[k] for k in ENCS}
+    assert_conforms(name, {k: got[k] for k in ENCS}, full)
+
+
+@pytest.mark.skipif(full_vectors() is None, reason=NO_FULL)
+@pytest.mark.parametrize("name", list(VECTORS))
+def test_compact_copy_in_tests_data_equals_the_full_vectors(name):
+    with np.load(full_vectors() / f"{name}.npz") as z:
+        want = compact(dict(z))
+    _, have = synthetic_state_dict(name)
+    assert sorted(have) == sorted(want)
+    for key in want:
+        assert have[key].dtype == want[key].dtype and np.array_equal(have[key], want[key]), key
+
+
+def test_legacy_and_current_orders_differ_on_the_current_vector():
+    """Loading the current-order weights without the permutation misses the vector: the order matters."""
+    sd, arrays = synthetic_state_dict("current_t_256")
+    model = BiRefNet("swin_v1_t").eval()
+    model.load_state_dict(sd, strict=True)
+    with torch.inference_mode():
+        out = model(torch.from_numpy(arrays["input"]))[-1].numpy()
+    assert np.abs(out - arrays["out3"]).max() > 0.05
+
+
+@pytest.mark.parametrize("size", [(64, 64), (96, 160)])
+def test_patch_permutation_maps_legacy_patches_to_the_current_split(size):
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, *size)
+    for g in (2, 4, 8):
+        h, w = size[0] // g, size[1] // g
+        legacy = image_patches(x, h, w)
+        # einops "b c (hg h) (wg w) -> b (c hg wg) h w", BiRefNet's current split.
+        current = x.view(2, 3, g, h, g, w).permute(0, 1, 2, 4, 3, 5).reshape(2, 3 * g * g, h, w)
+        assert torch.equal(legacy[:, patch_permutation(g)], current)
+
+
+def test_converting_the_patch_order_there_and_back_is_the_identity():
+    sd, _ = synthetic_state_dict("lite_256")
+    there = convert_patch_order(sd, "legacy", "current")
+    key = "decoder.ipt_blk3.conv1.weight"
+    assert not torch.equal(there[key], sd[key])
+    assert torch.equal(there["decoder.ipt_blk1.conv1.weight"], sd["decoder.ipt_blk1.conv1.weight"])
+    back = convert_patch_order(there, "current", "legacy")
+    assert all(torch.equal(back[k], v) for k, v in sd.items())
 
 
 def test_batch_of_two_equals_two_singles(lite):

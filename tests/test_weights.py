@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
 import threading
+import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -16,9 +18,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from rmbg_stream.cli import make_parser
 from rmbg_stream.models import BiRefNet
-from rmbg_stream.models.registry import MODELS, lookup
-from rmbg_stream.models.weights import WeightsError, load_birefnet
+from rmbg_stream.models.registry import MODELS, PATCH_ORDERS, lookup
+from rmbg_stream.models.weights import WeightsError, convert_patch_order, load_birefnet
 
 DERIVED = ("relative_position_index", "num_batches_tracked")
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -472,3 +475,236 @@ def test_hub_errors_are_mapped(scratch):
         assert f"accept the licence at https://huggingface.co/{repo}" in msg[repo] and "HF_TOKEN" in msg[repo]
     assert "owner/missing is neither a local file or folder nor a model on the Hugging Face hub" in msg["owner/missing"]
     assert "holds neither model.safetensors nor pytorch_model.bin" in msg["owner/empty"]
+
+
+# --- patch order ---------------------------------------------------------------------------------------
+
+# The order of each checkpoint, from BiRefNet's public history (issue 11): trained before or after 2024-11-05.
+ORDERS = {
+    "briaai/RMBG-2.0": "legacy",
+    "ZhengPeng7/BiRefNet": "legacy",
+    "ZhengPeng7/BiRefNet_lite": "legacy",
+    "ZhengPeng7/BiRefNet_lite-2K": "legacy",
+    "ZhengPeng7/BiRefNet-matting": "legacy",
+    "ZhengPeng7/BiRefNet-portrait": "legacy",
+    "ZhengPeng7/BiRefNet_HR": "current",
+    "ZhengPeng7/BiRefNet_HR-matting": "current",
+    "ZhengPeng7/BiRefNet_dynamic": "current",
+    "ZhengPeng7/BiRefNet_512x512": "current",
+}
+
+# Excerpts in the shape of the two generations of BiRefNet's birefnet.py. The first line would leave a file
+# behind if anything ran it: the loader must only read it.
+RUN_TRAP = "open(__file__ + '.ran', 'w').close()\n"
+LEGACY_CODE = RUN_TRAP + """
+def image2patches(image, grid_h=2, grid_w=2, patch_ref=None, transformation='b c (hg h) (wg w) -> (b hg wg) c h w'):
+    return rearrange(image, transformation, hg=grid_h, wg=grid_w)
+
+class Decoder(nn.Module):
+    def get_patches_batch(self, x, p):
+        _size_h, _size_w = p.shape[2:]
+        ...
+
+    def forward(self, features):
+        x, x1, x2, x3, x4 = features
+        patches_batch = self.get_patches_batch(x, x4) if self.split else x
+"""
+CURRENT_CODE = RUN_TRAP + """
+def image2patches(image, grid_h=2, grid_w=2, patch_ref=None, transformation='b c (hg h) (wg w) -> (b hg wg) c h w'):
+    return rearrange(image, transformation, hg=grid_h, wg=grid_w)
+
+class Decoder(nn.Module):
+    def forward(self, features):
+        x, x1, x2, x3, x4 = features
+        patches_batch = image2patches(
+            x, patch_ref=x4, transformation='b c (hg h) (wg w) -> b (c hg wg) h w'
+        ) if self.split else x
+"""
+# A legacy file that only mentions the current pattern in a comment.
+LEGACY_WITH_COMMENT = "# newer code: image2patches(x, transformation='... -> b (c hg wg) h w')\n" + LEGACY_CODE
+
+
+def test_every_registry_entry_has_its_patch_order():
+    assert {repo: spec.patch_order for repo, spec in MODELS.items()} == ORDERS
+    assert set(PATCH_ORDERS) == {"legacy", "current"}
+
+
+@pytest.fixture(scope="module")
+def current_file(original, workdir):
+    """The original network's checkpoint as BiRefNet's current code would hold it."""
+    path = workdir / "current.safetensors"
+    save_file(convert_patch_order(original[0], "legacy", "current"), str(path))
+    return path
+
+
+def make_snapshot(folder: Path, weights: Path, code: dict[str, str]) -> Path:
+    folder.mkdir()
+    (folder / "model.safetensors").symlink_to(weights)
+    (folder / "config.json").write_text(json.dumps({"architectures": ["BiRefNet"]}))
+    for name, text in code.items():
+        (folder / name).write_text(text)
+    return folder
+
+
+# id: (folder name, weights in order, bundled code, asked order, order taken, decided by, warning or None)
+SNAPSHOTS = {
+    "legacy code": ("snap", "legacy", {"birefnet.py": LEGACY_CODE}, None, "legacy", "code birefnet.py", None),
+    "current code": ("snap", "current", {"birefnet.py": CURRENT_CODE}, None, "current", "code birefnet.py", None),
+    "no code": ("snap", "legacy", {}, None, "legacy", "default", "assuming legacy"),
+    "no code, registry name": (
+        "BiRefNet_dynamic", "current", {}, None, "current", "registry ZhengPeng7/BiRefNet_dynamic", None,
+    ),
+    "code disagrees with the registry": (
+        "BiRefNet_lite", "current", {"birefnet.py": CURRENT_CODE}, None, "current", "code birefnet.py",
+        "registry lists ZhengPeng7/BiRefNet_lite as legacy: following the code",
+    ),
+    "code in another file": (
+        "snap", "current", {"BiRefNet_config.py": "class Config: pass\n", "modeling.py": CURRENT_CODE},
+        None, "current", "code modeling.py", None,
+    ),
+    "a comment is not code": (
+        "snap", "legacy", {"birefnet.py": LEGACY_WITH_COMMENT}, None, "legacy", "code birefnet.py", None,
+    ),
+    "asked over code": (
+        "snap", "legacy", {"birefnet.py": CURRENT_CODE}, "legacy", "legacy", "argument", "as asked, though",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(SNAPSHOTS))
+def test_snapshot_patch_order_comes_from_its_bundled_code(original, current_file, scratch, caplog, case):
+    folder, weights, code, asked, order, decided_by, warning = SNAPSHOTS[case]
+    sd, x, expected, legacy_file = original
+    snap = make_snapshot(scratch / folder, current_file if weights == "current" else legacy_file, code)
+    with caplog.at_level(logging.INFO, logger="rmbg_stream.models.weights"):
+        model, info = load_birefnet(snap, patch_order=asked)
+    assert (info.patch_order, info.order_from) == (order, decided_by)
+    warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    if warning is None:
+        assert warned == []
+    else:
+        assert len(warned) == 1 and warning in warned[0] and "\n" not in warned[0]
+    assert not list(snap.glob("*.ran")), "the bundled code was run"
+    # The network is the original exactly when the order taken is the one the weights are in.
+    same = [torch.equal(a, b) for a, b in zip(run(model, x), expected, strict=True)]
+    assert all(same) if order == weights else not any(same)
+
+
+def test_legacy_checkpoint_converted_to_current_and_back_gives_identical_outputs(original, scratch):
+    sd, x, expected, _ = original
+    there = convert_patch_order(sd, "legacy", "current")
+    assert not torch.equal(there["decoder.ipt_blk5.conv1.weight"], sd["decoder.ipt_blk5.conv1.weight"])
+    save_file(there, str(scratch / "current.safetensors"))
+    model, info = load_birefnet(scratch / "current.safetensors", patch_order="current")
+    assert info.order_from == "argument"
+    for a, b in zip(run(model, x), expected, strict=True):
+        assert torch.equal(a, b)
+    back = convert_patch_order(model.state_dict(), "legacy", "current")
+    assert torch.equal(back["decoder.ipt_blk5.conv1.weight"], there["decoder.ipt_blk5.conv1.weight"])
+
+
+def test_code_files_that_disagree_need_patch_order(original, scratch):
+    code = {"a.py": LEGACY_CODE, "b.py": CURRENT_CODE}
+    snap = make_snapshot(scratch / "snap", original[3], code)
+    msg = raises(snap)
+    assert "disagrees on the patch order" in msg and "a.py uses legacy" in msg and "b.py uses current" in msg
+    assert "--patch-order" in msg
+    _, info = load_birefnet(snap, patch_order="legacy")
+    assert info.patch_order == "legacy"
+
+
+def test_unknown_patch_order_argument(original):
+    assert "unknown patch order 'new'" in raises(original[3], patch_order="new")
+
+
+def test_hub_id_in_the_cache_takes_the_order_of_its_bundled_code(original, current_file, offline, caplog):
+    _, x, expected, _ = original
+    file = cache_put(offline, "ZhengPeng7/BiRefNet_lite", current_file)
+    (file.parent / "birefnet.py").write_text(CURRENT_CODE)
+    with caplog.at_level(logging.WARNING, logger="rmbg_stream.models.weights"):
+        model, info = load_birefnet("birefnet-lite", cache_dir=offline)
+    assert info.repo_id == "ZhengPeng7/BiRefNet_lite" and info.patch_order == "current"
+    assert any("following the code" in r.getMessage() for r in caplog.records)
+    assert all(torch.equal(a, b) for a, b in zip(run(model, x), expected, strict=True))
+
+
+def test_hub_id_in_the_cache_without_code_takes_the_registry_order(original, offline):
+    cache_put(offline, "ZhengPeng7/BiRefNet_lite", original[3])
+    _, info = load_birefnet("ZhengPeng7/BiRefNet_lite", cache_dir=offline)
+    assert (info.patch_order, info.order_from) == ("legacy", "registry ZhengPeng7/BiRefNet_lite")
+
+
+@pytest.mark.parametrize("command", ["image a.png -o b.png", "transcode a.mp4 -o b.mp4", "serve", "camera"])
+def test_every_model_command_takes_patch_order(command, capsys):
+    parser = make_parser()
+    assert parser.parse_args(command.split()).patch_order is None
+    assert parser.parse_args([*command.split(), "--patch-order", "current"]).patch_order == "current"
+    with pytest.raises(SystemExit) as e:
+        parser.parse_args([*command.split(), "--patch-order", "new"])
+    assert e.value.code == 2 and "invalid choice: 'new'" in capsys.readouterr().err
+
+
+class ServingHub(BaseHTTPRequestHandler):
+    """Serves one repository the way huggingface.co does: the file listing of a revision, and its files."""
+
+    files: dict[str, bytes] = {}
+
+    def do_GET(self, body: bool = True):
+        parts = self.path.split("?")[0].lstrip("/").split("/")
+        name = "/".join(parts[4:])
+        status, data, headers = 404, b"", {"X-Error-Code": "EntryNotFound", "X-Error-Message": "Entry not found"}
+        if parts[:1] == ["api"] and "tree" in parts:  # snapshot_download lists a revision's files
+            tree = [{"type": "file", "path": f, "size": len(b), "oid": f"{i:040x}"} for i, (f, b) in self.listing()]
+            status, data, headers = 200, json.dumps(tree).encode(), {"Content-Type": "application/json"}
+        elif len(parts) >= 5 and parts[2] == "resolve" and name in self.files:
+            data = self.files[name]
+            status, headers = 200, {"X-Repo-Commit": COMMIT, "ETag": f'"{zlib.crc32(data):08x}"'}
+        self.send_response(status)
+        for k, v in {**headers, "Content-Length": str(len(data))}.items():
+            self.send_header(k, v)
+        self.end_headers()
+        if body:
+            self.wfile.write(data)
+
+    def listing(self):
+        return enumerate(self.files.items())
+
+    def do_HEAD(self):
+        self.do_GET(body=False)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_hub_download_fetches_the_bundled_code_and_takes_its_order(original, current_file, scratch):
+    _, x, expected, _ = original
+    ServingHub.files = {
+        "model.safetensors": current_file.read_bytes(),
+        "birefnet.py": CURRENT_CODE.encode(),
+        "config.json": b"{}",
+        "README.md": b"# weights\n",
+    }
+    server = ThreadingHTTPServer(("127.0.0.1", 0), ServingHub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    env = {k: v for k, v in os.environ.items() if not k.upper().endswith("_PROXY") and not k.startswith("HF_")}
+    env.update(HF_ENDPOINT=f"http://127.0.0.1:{server.server_port}", HF_HOME=str(scratch / "hf"), NO_PROXY="*")
+    script = (
+        "import json, torch\n"
+        "from rmbg_stream.models.weights import load_birefnet\n"
+        "model, info = load_birefnet('owner/hub-model')\n"
+        f"x = torch.load({str(scratch / 'x.pt')!r})\n"
+        "with torch.inference_mode():\n"
+        f"    torch.save(model(x), {str(scratch / 'out.pt')!r})\n"
+        "print(json.dumps([info.patch_order, info.order_from, sorted(p.name for p in info.path.parent.iterdir())]))\n"
+    )
+    torch.save(x, scratch / "x.pt")
+    try:
+        done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    finally:
+        server.shutdown()
+    assert done.returncode == 0, done.stderr[-2000:]
+    order, decided_by, files = json.loads(done.stdout.strip().splitlines()[-1])
+    # Only the weights and the code come down: no README or config is needed.
+    assert (order, decided_by, files) == ("current", "code birefnet.py", ["birefnet.py", "model.safetensors"])
+    got = torch.load(scratch / "out.pt")
+    assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))

@@ -78,7 +78,7 @@ class ChromaBackend:
 
 
 def create_backend(name: str, device: torch.device, precision: str = "auto",
-                   resolution: tuple[int, int] | None = None):
+                   resolution: tuple[int, int] | None = None, *, patch_order: str | None = None):
     """`name`: ``chroma`` or ``chroma:<colour>``; ``random:<backbone>`` (untrained, for benchmarks and
     tests); otherwise a BiRefNet checkpoint: hub id, alias, snapshot folder or weights file."""
     if name == "chroma" or name.startswith("chroma:"):
@@ -95,5 +95,5 @@ def create_backend(name: str, device: torch.device, precision: str = "auto",
         return BiRefNetBackend(BiRefNet(backbone), resolution or (1024, 1024), device, dtype, name)
     from ..models.weights import load_birefnet
 
-    model, info = load_birefnet(name)
+    model, info = load_birefnet(name, patch_order=patch_order)
     return BiRefNetBackend(model, resolution or info.resolution, device, dtype, name)

@@ -1,15 +1,26 @@
-"""Known checkpoints: which backbone and input size each hub repository was trained for.
+"""Known checkpoints: which backbone, input size and patch order each hub repository was trained for.
 
 The backbone is checked against the checkpoint itself when it loads; the resolution is the
 size the model was trained at, which the engine uses as its default input size.
+
+The patch order is how the decoder's image-patch inputs (`ipt_blk2..5`) stack the g x g grid of
+patches on the channel axis; a checkpoint only gives right masks in the order it was trained with:
+- ``legacy``: BiRefNet up to commit 5198d3f (2024-11-05) and the code bundled with RMBG-2.0,
+  einops ``b c (hg h) (wg w) -> b (wg hg c) h w``;
+- ``current``: BiRefNet since then, ``b c (hg h) (wg w) -> b (c hg wg) h w``.
+The entries below go by release date; the code bundled with a hub snapshot overrides them (see weights.py).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 MIT = "MIT"
 BRIA_NC = "CC BY-NC 4.0"
+
+PatchOrder = Literal["legacy", "current"]
+PATCH_ORDERS: tuple[PatchOrder, ...] = get_args(PatchOrder)
 
 
 @dataclass(frozen=True)
@@ -20,6 +31,7 @@ class ModelSpec:
     gated: bool
     licence: str
     description: str
+    patch_order: PatchOrder
 
     @property
     def url(self) -> str:
@@ -27,10 +39,17 @@ class ModelSpec:
 
 
 def _spec(
-    repo_id: str, backbone: str, side: int | tuple[int, int], description: str, gated: bool = False, licence: str = MIT
+    repo_id: str,
+    backbone: str,
+    side: int | tuple[int, int],
+    description: str,
+    gated: bool = False,
+    licence: str = MIT,
+    *,
+    order: PatchOrder,
 ) -> ModelSpec:
     resolution = (side, side) if isinstance(side, int) else side
-    return ModelSpec(repo_id, backbone, resolution, gated, licence, description)
+    return ModelSpec(repo_id, backbone, resolution, gated, licence, description, order)
 
 
 MODELS: dict[str, ModelSpec] = {
@@ -43,16 +62,53 @@ MODELS: dict[str, ModelSpec] = {
             "BRIA background removal; non-commercial, accept the licence on the hub first",
             gated=True,
             licence=BRIA_NC,
+            order="legacy",
         ),
-        _spec("ZhengPeng7/BiRefNet", "swin_v1_l", 1024, "BiRefNet general dichotomous segmentation"),
-        _spec("ZhengPeng7/BiRefNet_lite", "swin_v1_t", 1024, "BiRefNet with the Swin-T backbone, several times faster"),
-        _spec("ZhengPeng7/BiRefNet_lite-2K", "swin_v1_t", (1440, 2560), "BiRefNet lite trained at 2560x1440"),
-        _spec("ZhengPeng7/BiRefNet_HR", "swin_v1_l", 2048, "BiRefNet general trained at 2048x2048"),
-        _spec("ZhengPeng7/BiRefNet_HR-matting", "swin_v1_l", 2048, "BiRefNet matting trained at 2048x2048"),
-        _spec("ZhengPeng7/BiRefNet-matting", "swin_v1_l", 1024, "BiRefNet trimap-free matting (soft alpha)"),
-        _spec("ZhengPeng7/BiRefNet-portrait", "swin_v1_l", 1024, "BiRefNet tuned for people (P3M-10k and humans)"),
-        _spec("ZhengPeng7/BiRefNet_dynamic", "swin_v1_l", 1024, "BiRefNet trained on sizes from 256 to 2304"),
-        _spec("ZhengPeng7/BiRefNet_512x512", "swin_v1_l", 512, "BiRefNet general trained at 512x512"),
+        _spec("ZhengPeng7/BiRefNet", "swin_v1_l", 1024, "BiRefNet general dichotomous segmentation", order="legacy"),
+        _spec(
+            "ZhengPeng7/BiRefNet_lite",
+            "swin_v1_t",
+            1024,
+            "BiRefNet with the Swin-T backbone, several times faster",
+            order="legacy",
+        ),
+        _spec(
+            "ZhengPeng7/BiRefNet_lite-2K",
+            "swin_v1_t",
+            (1440, 2560),
+            "BiRefNet lite trained at 2560x1440",
+            order="legacy",
+        ),
+        _spec("ZhengPeng7/BiRefNet_HR", "swin_v1_l", 2048, "BiRefNet general trained at 2048x2048", order="current"),
+        _spec(
+            "ZhengPeng7/BiRefNet_HR-matting",
+            "swin_v1_l",
+            2048,
+            "BiRefNet matting trained at 2048x2048",
+            order="current",
+        ),
+        _spec(
+            "ZhengPeng7/BiRefNet-matting",
+            "swin_v1_l",
+            1024,
+            "BiRefNet trimap-free matting (soft alpha)",
+            order="legacy",
+        ),
+        _spec(
+            "ZhengPeng7/BiRefNet-portrait",
+            "swin_v1_l",
+            1024,
+            "BiRefNet tuned for people (P3M-10k and humans)",
+            order="legacy",
+        ),
+        _spec(
+            "ZhengPeng7/BiRefNet_dynamic",
+            "swin_v1_l",
+            1024,
+            "BiRefNet trained on sizes from 256 to 2304",
+            order="current",
+        ),
+        _spec("ZhengPeng7/BiRefNet_512x512", "swin_v1_l", 512, "BiRefNet general trained at 512x512", order="current"),
     )
 }
 
@@ -66,6 +122,14 @@ ALIASES: dict[str, str] = {
 _BY_KEY = {k.lower(): MODELS[v] for k, v in ALIASES.items()} | {k.lower(): v for k, v in MODELS.items()}
 
 
+_BY_NAME = {k.split("/", 1)[1].lower(): v for k, v in MODELS.items()}
+
+
 def lookup(name: str) -> ModelSpec | None:
     """The spec of a known hub id or alias (any case), else None."""
     return _BY_KEY.get(name.strip().lower())
+
+
+def lookup_name(name: str) -> ModelSpec | None:
+    """Like lookup, and also by the repository's own name (`BiRefNet_HR`), as a local file or folder is named."""
+    return lookup(name) or _BY_NAME.get(name.strip().lower())

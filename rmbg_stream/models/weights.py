@@ -2,10 +2,20 @@
 
 Every failure is a WeightsError whose message is one line: what is wrong and what to do. A model
 is returned only when every parameter came from the checkpoint; nothing is left at its random init.
+
+Patch order (see registry.py): our network runs the legacy order only. A checkpoint trained with the
+current order has the input channels of `decoder.ipt_blk{2..5}.conv1.weight` permuted once, here, at
+load time, rather than the model keeping both split functions: one code path to test and to export,
+no cost per frame, and the permutation is exact (an index shuffle), so both orders give the numbers
+of their own reference. The order comes from, first to last: the caller (`--patch-order`); the code
+bundled beside the checkpoint, read as text and never run; the registry entry of its repo or name;
+else legacy, with a warning.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -15,8 +25,10 @@ from pathlib import Path
 import torch
 
 from .birefnet import BACKBONES, BiRefNet
-from .registry import ALIASES, ModelSpec, lookup
+from .registry import ALIASES, PATCH_ORDERS, ModelSpec, PatchOrder, lookup, lookup_name
 from .swin import SWIN_CONFIGS
+
+log = logging.getLogger(__name__)
 
 HUB_FILES = ("model.safetensors", "pytorch_model.bin")
 SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
@@ -30,6 +42,15 @@ PATCH_KEY = "bb.patch_embed.proj.weight"
 STAGE3_BLOCK = re.compile(r"^bb\.layers\.2\.blocks\.(\d+)\.")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 LOGIN = "set HF_TOKEN (or log in with `hf auth login`, `huggingface-cli login` on older huggingface_hub)"
+# The decoder's image-patch convolutions whose input channels depend on the patch order (ipt_blk1 sees a 1x1 grid).
+PATCH_KEYS = tuple(f"decoder.ipt_blk{i}.conv1.weight" for i in (2, 3, 4, 5))
+# What BiRefNet's code looks like in each order. A current file may keep a dead get_patches_batch, a legacy
+# one never splits with (c hg wg), so the current signature is looked for first.
+CODE_SIGNS: tuple[tuple[PatchOrder, re.Pattern[str]], ...] = (
+    ("current", re.compile(r"image2patches\(.*?->\s*b\s*\(\s*c\s+hg\s+wg\s*\)", re.S)),
+    ("legacy", re.compile(r"\bget_patches_batch\b")),
+)
+CODE_FILE = "birefnet.py"  # what every BiRefNet hub repository bundles; other *.py are read when it says nothing
 
 
 class WeightsError(RuntimeError):
@@ -48,21 +69,32 @@ class ModelInfo:
     path: Path  # the file the weights came from
     repo_id: str | None = None
     spec: ModelSpec | None = None
+    patch_order: PatchOrder = "legacy"  # the order the checkpoint was trained with (the model runs legacy)
+    order_from: str = "default"  # what decided it: "argument", "code <file>", "registry <repo>" or "default"
 
 
 def load_birefnet(
-    source: str | os.PathLike, *, backbone: str | None = None, cache_dir: str | os.PathLike | None = None
+    source: str | os.PathLike,
+    *,
+    backbone: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    patch_order: PatchOrder | None = None,
 ) -> tuple[BiRefNet, ModelInfo]:
     """Build BiRefNet with the weights of `source`: a hub id or alias, a snapshot folder or a checkpoint file.
 
     The model comes back in eval mode, float32, on the CPU. `backbone` is checked against the checkpoint
     (and inferred from it when None). `cache_dir` overrides the Hugging Face cache for hub ids.
+    `patch_order` ('legacy' | 'current') overrides what the bundled code or the registry say.
     """
     if backbone is not None and backbone not in SWIN_CONFIGS:
         raise WeightsError(f"unknown backbone {backbone!r}: choose one of {', '.join(BACKBONES)}")
+    if patch_order is not None and patch_order not in PATCH_ORDERS:
+        raise WeightsError(f"unknown patch order {patch_order!r}: choose one of {', '.join(PATCH_ORDERS)}")
     source = os.fspath(source)
     path, repo_id = resolve(source, cache_dir)
     spec = lookup(repo_id) if repo_id else None
+    named = spec or lookup_name(path.stem) or lookup_name(path.parent.name)
+    order, order_from = choose_order(path, patch_order, orders_in_code(path.parent), named)
     sd = read_state_dict(path)
 
     found = infer_backbone(sd, path)
@@ -83,9 +115,91 @@ def load_birefnet(
             "pass a BiRefNet / RMBG-2.0 checkpoint"
         )
 
-    model = build(chosen, sd, path)
+    model = build(chosen, convert_patch_order(sd, order, "legacy"), path)
     resolution = spec.resolution if spec else DEFAULT_RESOLUTION
-    return model.eval(), ModelInfo(source, chosen, resolution, path, repo_id, spec)
+    return model.eval(), ModelInfo(source, chosen, resolution, path, repo_id, spec, order, order_from)
+
+
+# --- patch order -------------------------------------------------------------------------------
+
+
+def orders_in_code(folder: Path) -> dict[PatchOrder, Path]:
+    """The patch orders the Python code bundled in `folder` uses, each with a file that says so; {} without code.
+
+    The files are read as text and never imported or run. birefnet.py decides alone when it says anything.
+    """
+    files = sorted(folder.glob("*.py"), key=lambda p: (p.name != CODE_FILE, p.name))
+    found: dict[PatchOrder, Path] = {}
+    for file in files:
+        order = order_in_text(file.read_text(encoding="utf-8", errors="replace"))
+        if order is not None and file.name == CODE_FILE:
+            return {order: file}
+        if order is not None:
+            found.setdefault(order, file)
+    return found
+
+
+def order_in_text(code: str) -> PatchOrder | None:
+    """'current' for image2patches with (c hg wg), 'legacy' for get_patches_batch, else None (comments ignored)."""
+    code = re.sub(r"#[^\n]*", "", code)
+    return next((order for order, sign in CODE_SIGNS if sign.search(code)), None)
+
+
+def choose_order(
+    path: Path, asked: PatchOrder | None, code: Mapping[PatchOrder, Path], spec: ModelSpec | None
+) -> tuple[PatchOrder, str]:
+    """The order to load `path` in and what decided it: the caller, else the code, else the registry, else legacy."""
+    says = ", ".join(f"{file.name} uses {order}" for order, file in code.items())
+    if asked is not None:
+        if set(code) - {asked}:
+            log.warning("%s: loading in the %s patch order as asked, though %s", path, asked, says)
+        return asked, "argument"
+    if len(code) > 1:
+        raise WeightsError(f"the code beside {path} disagrees on the patch order ({says}): pass --patch-order")
+    if code:
+        ((order, file),) = code.items()
+        if spec is not None and spec.patch_order != order:
+            log.warning(
+                "%s uses the %s patch order but the registry lists %s as %s: following the code",
+                file, order, spec.repo_id, spec.patch_order,
+            )
+        return order, f"code {file.name}"
+    if spec is not None:
+        log.info("%s: %s patch order, as the registry lists %s", path, spec.patch_order, spec.repo_id)
+        return spec.patch_order, f"registry {spec.repo_id}"
+    log.warning(
+        "%s: no bundled code or known name tells its patch order; assuming legacy (RMBG-2.0, BiRefNet before "
+        "2024-11), pass --patch-order current for a checkpoint of newer BiRefNet code", path,
+    )
+    return "legacy", "default"
+
+
+def patch_permutation(g: int) -> torch.Tensor:
+    """(3*g*g,) int64 `idx` with current[:, k] = legacy[:, idx[k]] for a g x g patch grid of RGB.
+
+    Legacy stacks columns outer, rows inner, colour innermost: channel (j*g + i)*3 + c holds row i,
+    column j, colour c; current puts it at c*g*g + i*g + j.
+    """
+    c, i, j = torch.meshgrid(torch.arange(3), torch.arange(g), torch.arange(g), indexing="ij")
+    return ((j * g + i) * 3 + c).flatten()
+
+
+def convert_patch_order(sd: Mapping[str, torch.Tensor], src: PatchOrder, dst: PatchOrder) -> dict[str, torch.Tensor]:
+    """A copy of state dict `sd` with the patch convolutions' input channels moved from order `src` to `dst`.
+
+    Exact (an index shuffle); keys that are absent or of an unexpected shape are left for check_keys to report.
+    """
+    out = dict(sd)
+    if src == dst:
+        return out
+    for key in PATCH_KEYS:
+        w = sd.get(key)
+        g = math.isqrt(w.shape[1] // 3) if w is not None and w.dim() == 4 else 0
+        if g == 0 or w.shape[1] != 3 * g * g:
+            continue
+        idx = patch_permutation(g)
+        out[key] = w[:, idx] if dst == "current" else w[:, torch.argsort(idx)]
+    return out
 
 
 # --- where the file is -------------------------------------------------------------------------
@@ -150,7 +264,7 @@ def hub_file(repo_id: str, cache_dir: str | os.PathLike | None) -> Path:
         # Once the hub proved unreachable, look only in the cache: each online try retries for ~20 s.
         local_only = offline or unreachable is not None
         try:
-            return Path(hf_hub_download(repo_id, filename, cache_dir=cache_dir, local_files_only=local_only))
+            path = Path(hf_hub_download(repo_id, filename, cache_dir=cache_dir, local_files_only=local_only))
         except GatedRepoError as e:
             raise WeightsError(denied(repo_id)) from e
         except RepositoryNotFoundError as e:
@@ -171,6 +285,10 @@ def hub_file(repo_id: str, cache_dir: str | os.PathLike | None) -> Path:
             raise WeightsError(f"the Hugging Face hub failed on {repo_id}/{filename} ({brief(e)}): retry later") from e
         except Exception as e:
             raise WeightsError(f"could not fetch {repo_id}/{filename} from the Hugging Face hub ({brief(e)})") from e
+        else:
+            if not local_only:
+                fetch_code(repo_id, path, cache_dir)
+            return path
     if unreachable is not None:
         spec = lookup(repo_id)
         why = "HF_HUB_OFFLINE is set" if offline else brief(unreachable.__cause__ or unreachable)
@@ -184,6 +302,23 @@ def hub_file(repo_id: str, cache_dir: str | os.PathLike | None) -> Path:
         f"{repo_id} on the Hugging Face hub holds neither {' nor '.join(HUB_FILES)}: "
         "download its checkpoint and pass the file's path"
     )
+
+
+def fetch_code(repo_id: str, weights: Path, cache_dir: str | os.PathLike | None) -> None:
+    """Put the repo's bundled *.py beside `weights` (same commit): it tells the patch order, read as text only.
+
+    A repo without code, or a failure here, only costs that hint: the registry's entry is used instead.
+    """
+    from huggingface_hub import snapshot_download
+
+    if any(weights.parent.glob("*.py")):
+        return  # fetched with the weights before; saves a round trip to the hub on every load
+    # hf_hub_download returned .../snapshots/<commit>/<file>: pin that commit so code and weights match.
+    commit = weights.parent.name if re.fullmatch(r"[0-9a-f]{40}", weights.parent.name) else None
+    try:
+        snapshot_download(repo_id, revision=commit, cache_dir=cache_dir, allow_patterns=["*.py"])
+    except Exception as e:
+        log.warning("could not fetch the code bundled with %s (%s), which tells its patch order", repo_id, brief(e))
 
 
 def hub_offline() -> bool:
