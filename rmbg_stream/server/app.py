@@ -104,12 +104,16 @@ def check_access(request: web.Request) -> None:
 
 
 async def read_body(request: web.Request, limit: int) -> bytes:
+    """The whole body, up to `limit` bytes (413 past it), however it arrives: in many TCP segments, or chunked."""
     if request.content_length is not None and request.content_length > limit:
         raise json_error(413, f"request body of {request.content_length} bytes is over the {limit} byte limit")
-    body = await request.content.read(limit + 1)
-    if len(body) > limit:
-        raise json_error(413, f"request body is over the {limit} byte limit")
-    return body
+    body = bytearray()
+    # One read returns only what is buffered so far; b"" means the body has ended.
+    while chunk := await request.content.read(limit + 1 - len(body)):
+        body += chunk
+        if len(body) > limit:
+            raise json_error(413, f"request body is over the {limit} byte limit")
+    return bytes(body)
 
 
 # -- handlers
