@@ -9,14 +9,17 @@ import asyncio
 import io
 import json
 import socket
+import time
 
 import numpy as np
 import pytest
-from aiohttp import ClientSession
+from aiohttp import ClientSession, WSMsgType
 from aiortc import RTCSessionDescription
 from PIL import Image
 
+from rmbg_stream.server import websocket
 from rmbg_stream.server.app import MANAGER
+from rmbg_stream.server.untrusted import TooDeep, loads_json
 from tests.test_server import CYAN, RtcCamera, WsCamera, assert_clean, near, run, serve, settle
 
 DEEP = "[" * 20_000 + "]" * 20_000  # 40 kB: inside every message limit, far past Python's recursion limit
@@ -127,3 +130,78 @@ def test_a_body_over_the_limit_is_refused_even_when_it_comes_chunked():
             assert await settle(lambda: not app[MANAGER].sessions)
 
     run(main())
+
+
+# -- JSON nested past the parser's stack (item 8)
+
+
+def test_deeply_nested_json_in_an_offer_is_a_400():
+    async def main():
+        async with serve() as (url, app), ClientSession() as http:
+            nested_sdp = json.dumps({"type": "offer", "sdp": "x"})[:-1] + ', "view": ' + DEEP + "}"
+            for body in [DEEP, "{" + '"a": {' * 5_000 + "}" * 5_001, nested_sdp]:
+                async with http.post(url + "/offer", data=body, headers={"Content-Type": "application/json"}) as r:
+                    got = await r.json()
+                    assert r.status == 400 and "nested" in got["error"], (body[:30], got)
+            async with http.get(url + "/healthz") as r:
+                assert (await r.json())["sessions"] == 0
+            assert_clean(app)
+
+    run(main())
+
+
+def test_deeply_nested_json_on_the_websocket_is_a_control_error_and_the_socket_stays():
+    async def main():
+        async with serve() as (url, app), ClientSession() as http:
+            async with http.ws_connect(url + "/ws") as sock:
+                await sock.receive_json(timeout=5)
+                for text in [DEEP, '{"type": "ping", "t": ' + "[" * 900 + "]" * 900 + "}"]:
+                    await sock.send_str(text)
+                    reply = await sock.receive_json(timeout=5)
+                    assert reply["type"] == "error" and "nested" in reply["error"], reply
+                await sock.send_str('{"type": "ping", "t": 5}')
+                assert await sock.receive_json(timeout=5) == {"type": "pong", "t": 5}
+                cam = WsCamera(sock)
+                await sock.send_bytes(websocket.pack(websocket.JPEG, 3, 0, cam.encoded[3]))
+                while (msg := await sock.receive(timeout=10)).type != WSMsgType.BINARY:
+                    pass
+                assert websocket.unpack(msg.data)[1] == 3
+            assert await settle(lambda: not app[MANAGER].sessions)
+            assert_clean(app)
+
+    run(main())
+
+
+def test_deeply_nested_json_on_the_data_channel_is_a_control_error_and_the_session_lives():
+    async def main():
+        async with serve() as (url, app), ClientSession() as http:
+            cam = RtcCamera()
+            session = (await cam.connect(http, url))["session"]
+            assert await settle(lambda: cam.channel.readyState == "open", 15)
+            cam.channel.send(DEEP)
+            assert await settle(lambda: [m for m in cam.messages if m["type"] == "error"])
+            assert "nested" in next(m for m in cam.messages if m["type"] == "error")["error"]
+            cam.send({"type": "ping", "t": 1})
+            assert await settle(lambda: [m for m in cam.messages if m["type"] == "pong"])
+            assert session in app[MANAGER].sessions
+            n = len(cam.frames)
+            assert await settle(lambda: len(cam.frames) > n + 5, 10)  # still processing
+            await cam.close()
+            assert await settle(lambda: not app[MANAGER].sessions, 10)
+            assert_clean(app)
+
+    run(main())
+
+
+def test_json_depth_is_counted_outside_strings_only():
+    inside = json.dumps({"type": "ping", "t": '[{"\\"' * 5_000})  # brackets and escaped quotes inside a string
+    assert loads_json(inside)["t"].startswith('[{"')
+    assert loads_json("[" * 32 + "]" * 32) == loads_json("[" * 32 + "]" * 32)
+    with pytest.raises(TooDeep):
+        loads_json("[" * 33 + "]" * 33)
+    with pytest.raises(TooDeep):
+        loads_json('{"a": "}}}", "b": ' + "[" * 40)  # not JSON either, but the depth is what is told
+    big = json.dumps({"type": "background", "image": "data:image/png;base64," + "A" * 11_000_000})
+    t0 = time.perf_counter()
+    assert loads_json(big)["type"] == "background"
+    assert time.perf_counter() - t0 < 1.0  # a large upload through a control is not scanned character by character

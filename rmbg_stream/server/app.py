@@ -31,6 +31,7 @@ from ..engine.composite import Background, parse_background
 from ..engine.engine import Engine
 from . import metrics, webrtc, websocket
 from .sessions import ControlError, Full, SessionManager
+from .untrusted import TooDeep, loads_json
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +123,9 @@ async def read_body(request: web.Request, limit: int) -> bytes:
 async def offer(request: web.Request) -> web.Response:
     check_access(request)
     try:
-        params = json.loads(await read_body(request, OFFER_LIMIT))
+        params = loads_json(await read_body(request, OFFER_LIMIT))
+    except TooDeep as exc:
+        raise json_error(400, f'the body is {exc}: send {{"sdp": "...", "type": "offer"}}') from None
     except ValueError:
         raise json_error(400, 'the body must be JSON: {"sdp": "...", "type": "offer"}') from None
     if not isinstance(params, dict):
