@@ -25,9 +25,9 @@ from tests.test_server import CYAN, RtcCamera, WsCamera, assert_clean, near, run
 DEEP = "[" * 20_000 + "]" * 20_000  # 40 kB: inside every message limit, far past Python's recursion limit
 
 
-async def raw_http(url: str, head: str, pieces: list[bytes], pause: float = 0.2) -> tuple[int, dict]:
+async def raw_http(url: str, head: str, pieces: list[bytes], pause: float = 0.2) -> tuple[int, dict | bytes]:
     """One request over a plain socket: the head, then each piece of the body in its own TCP segment after a pause.
-    Returns the status and the JSON body of the answer."""
+    Returns the status and the body of the answer (parsed when it is JSON)."""
     host, port = url.removeprefix("http://").rsplit(":", 1)
     reader, writer = await asyncio.open_connection(host, int(port))
     writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -41,7 +41,7 @@ async def raw_http(url: str, head: str, pieces: list[bytes], pause: float = 0.2)
     writer.close()
     status_line, _, rest = answer.partition(b"\r\n")
     body = rest.partition(b"\r\n\r\n")[2]
-    return int(status_line.split()[1]), json.loads(body) if body else {}
+    return int(status_line.split()[1]), json.loads(body) if body.startswith(b"{") else body
 
 
 def body_pieces(body: bytes, n: int, chunked: bool) -> tuple[str, list[bytes]]:
@@ -205,3 +205,27 @@ def test_json_depth_is_counted_outside_strings_only():
     t0 = time.perf_counter()
     assert loads_json(big)["type"] == "background"
     assert time.perf_counter() - t0 < 1.0  # a large upload through a control is not scanned character by character
+
+
+# -- malformed Host headers (item 9)
+
+
+@pytest.mark.parametrize("token", [None, "s3cret"], ids=["no-token", "token"])
+def test_a_malformed_host_header_is_a_400(token):
+    async def main():
+        async with serve(token=token) as (url, app):
+            auth = f"Authorization: Bearer {token}\n" if token else ""
+            for host in ["[::1", "127.0.0.1:99999", "[::1]:99999", "127.0.0.1:abc", "[nope]", "127.0.0.1/x",
+                         "evil.example@127.0.0.1"]:
+                for method, path in [("POST", "/offer"), ("GET", "/ws"), ("GET", "/metrics"),
+                                     ("POST", "/session/abc/background"), ("GET", "/"), ("GET", "/healthz")]:
+                    status, reply = await raw_http(url, f"{method} {path} HTTP/1.1\nHost: {host}\n{auth}"
+                                                        "Content-Length: 2\nConnection: close\n", [b"{}"], 0)
+                    assert status == 400 and "Host" in reply["error"], (host, path, status, reply)
+            for host in ["127.0.0.1", "localhost:8080", "[::1]:80", "127.0.0.1:"]:  # well-formed ones still work
+                status, reply = await raw_http(url, f"GET /metrics HTTP/1.1\nHost: {host}\n{auth}Connection: close\n",
+                                               [], 0)
+                assert status == 200, (host, reply)
+            assert_clean(app)
+
+    run(main())

@@ -18,6 +18,7 @@ import ipaddress
 import json
 import logging
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -40,6 +41,7 @@ WEB_DIR = next((d for d in (Path(__file__).resolve().parents[1] / "web", Path(__
                 if d.is_dir()), Path(__file__).resolve().parents[2] / "web")
 OFFER_LIMIT = 64 * 1024
 MANAGER = web.AppKey("manager", SessionManager)
+_HOST = re.compile(r"(?:\[(?P<ip6>[0-9A-Fa-f:.]+)\]|[A-Za-z0-9._-]+)(?::(?P<port>[0-9]{0,5}))?")
 
 
 @dataclass
@@ -66,8 +68,10 @@ def json_error(status: int, message: str) -> web.HTTPException:
 
 @web.middleware
 async def errors_as_json(request: web.Request, handler):
-    """Every error leaves as {"error": ...}; aiohttp's own (404, 405, 413) included."""
+    """Every error leaves as {"error": ...}; aiohttp's own (404, 405, 413) included. A malformed Host is refused
+    first, on every route, so no handler has to parse one."""
     try:
+        check_host(request.host)
         response = await handler(request)
     except web.HTTPException as exc:
         if exc.status < 400 or exc.content_type == "application/json":
@@ -79,6 +83,19 @@ async def errors_as_json(request: web.Request, handler):
     response.headers.setdefault("X-Content-Type-Options", "nosniff")
     response.headers.setdefault("Referrer-Policy", "no-referrer")  # page URLs may carry ?token=
     return response
+
+
+def check_host(host: str) -> None:
+    """400 unless `host` is a Host header: a name or IPv4 address, or an [IPv6] address, and an optional port."""
+    m = _HOST.fullmatch(host)
+    ok = m is not None and int(m["port"] or 0) <= 65535
+    if ok and m["ip6"] is not None:
+        try:
+            ipaddress.IPv6Address(m["ip6"])
+        except ValueError:
+            ok = False
+    if not ok:
+        raise json_error(400, f"malformed Host header {host[:100]!r}: expected a host name or address and a port")
 
 
 def check_access(request: web.Request) -> None:
