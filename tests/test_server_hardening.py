@@ -9,6 +9,8 @@ import asyncio
 import io
 import json
 import socket
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -229,3 +231,26 @@ def test_a_malformed_host_header_is_a_400(token):
             assert_clean(app)
 
     run(main())
+
+
+# -- the serve command (items 11 and 13)
+
+
+def serve_command(*args: str) -> subprocess.Popen:
+    """`python -m rmbg_stream -v serve --model chroma --device cpu ARGS` in the background."""
+    return subprocess.Popen([sys.executable, "-m", "rmbg_stream", "-v", "serve", "--model", "chroma", "--device", "cpu",
+                             *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.parametrize("port", ["in-use", "99999", "-1"])
+def test_serve_on_a_port_it_cannot_have_says_so_in_one_line(port):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        if port == "in-use":
+            port = str(taken.getsockname()[1])
+        out, err = (proc := serve_command("--port", port)).communicate(timeout=120)
+    assert proc.returncode != 0
+    assert "serving" not in out and "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and port in lines[0], err

@@ -12,6 +12,7 @@ cannot set headers); WebSocket and API requests from a browser must come from th
 
 from __future__ import annotations
 
+import errno
 import gc
 import hmac
 import ipaddress
@@ -20,6 +21,7 @@ import logging
 import os
 import re
 import shutil
+import socket
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -305,6 +307,29 @@ def tune_process(device) -> None:
         torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
 
 
+def listen(host: str, port: int) -> list[socket.socket]:
+    """Listening sockets on every address of `host`, opened before the model loads and the banner is printed, so
+    that a port out of range (ValueError) or in use (OSError) is one line at once, not a traceback after it."""
+    if not 0 <= port <= 65535:
+        raise ValueError(f"--port {port} is out of range: use 1 to 65535 (0 picks a free one)")
+    try:
+        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise ValueError(f"cannot listen on {host}: {exc.strerror}") from None
+    socks: list[socket.socket] = []
+    try:
+        for family, *_, address in addresses:  # "localhost" is 127.0.0.1 and ::1
+            if socks:  # one port for all of them, also when the first was picked by the system
+                address = (address[0], socks[0].getsockname()[1], *address[2:])
+            socks.append(socket.create_server(address, family=family, backlog=128))
+    except OSError as exc:
+        for sock in socks:
+            sock.close()
+        hint = ": is another server running there? Pick another --port" if exc.errno == errno.EADDRINUSE else ""
+        raise OSError(exc.errno, f"cannot listen on {host}:{port}: {exc.strerror}{hint}") from None
+    return socks
+
+
 def run_cli(args) -> int:
     if not is_loopback(args.host) and not args.token:
         print(f"error: refusing to serve on {args.host} without --token: anyone who can reach it could use it "
@@ -317,6 +342,20 @@ def run_cli(args) -> int:
         raise ValueError("serve takes no video background: use a colour, an image, blur or transparent")
     if background.kind == "image" and not Path(background.path).is_file():
         raise FileNotFoundError(f"background image not found: {background.path}")
+    try:
+        socks = listen(args.host, args.port)
+    except OSError as exc:
+        print(f"error: {exc.strerror}", file=sys.stderr)
+        return 1
+    try:
+        return serve(args, background, socks)
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def serve(args, background: Background, socks: list[socket.socket]) -> int:
+    """Loads the model and runs the app on `socks` until interrupted."""
     from ..cli import build_backend
 
     if is_loopback(args.host):
@@ -325,11 +364,12 @@ def run_cli(args) -> int:
     tune_process(backend.device)
     engine = Engine(backend, max_batch=args.batch, max_wait_ms=4)
     config = Config(token=args.token, max_sessions=args.max_sessions, background=background, model=args.model)
-    url = f"http://{args.host}:{args.port}"
+    host = args.host if ":" not in args.host else f"[{args.host}]"
+    url = f"http://{host}:{socks[0].getsockname()[1]}"
     suffix = f"?token={args.token}" if args.token else ""
     print(f"rmbg-stream: serving {url}/{suffix}  (OBS browser source: {url}/obs{suffix})", flush=True)
     try:
-        web.run_app(make_app(engine, config), host=args.host, port=args.port, print=None,
+        web.run_app(make_app(engine, config), sock=socks, print=None,
                     access_log=log if getattr(args, "verbose", False) else None)
     finally:
         engine.close()
