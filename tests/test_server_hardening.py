@@ -6,8 +6,10 @@ server keeps serving with no session left behind."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
+import signal
 import socket
 import subprocess
 import sys
@@ -18,6 +20,7 @@ import pytest
 from aiohttp import ClientSession, WSMsgType
 from aiortc import RTCSessionDescription
 from PIL import Image
+from yarl import URL
 
 from rmbg_stream.server import websocket
 from rmbg_stream.server.app import MANAGER
@@ -254,3 +257,77 @@ def test_serve_on_a_port_it_cannot_have_says_so_in_one_line(port):
     assert "serving" not in out and "Traceback" not in err
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and port in lines[0], err
+
+
+def test_the_access_log_never_shows_the_token():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = serve_command("--port", str(port), "--token", "s3cret-t0ken")
+    base = f"http://127.0.0.1:{port}"
+
+    async def main():
+        async with ClientSession() as http:
+            deadline = time.monotonic() + 60
+            while True:
+                assert proc.poll() is None, proc.communicate()
+                with contextlib.suppress(OSError):
+                    async with http.get(base + "/healthz") as r:
+                        break
+                assert time.monotonic() < deadline, "serve did not come up"
+                await asyncio.sleep(0.2)
+            for path in ["/?token=s3cret-t0ken", "/obs?session=x&token=s3cret-t0ken", "/metrics?tok%65n=s3cret-t0ken"]:
+                async with http.get(URL(base + path, encoded=True),  # sent as written
+                                    headers={"Referer": base + "/?token=s3cret-t0ken"}) as r:
+                    assert r.status == 200, path
+            async with http.ws_connect(base + "/ws?token=s3cret-t0ken") as sock:
+                assert (await sock.receive_json(timeout=5))["type"] == "hello"
+
+    try:
+        run(main())
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=20)
+    assert "?token=s3cret-t0ken" in out  # the banner is for the person who started it
+    assert "GET /obs?session=x&token=[redacted]" in err and "GET /ws?token=[redacted]" in err  # the log is on
+    assert "s3cret-t0ken" not in err, err
+
+
+def test_a_bearer_token_is_taken_with_the_scheme_in_any_case():
+    async def main():
+        async with serve(token="s3cret") as (url, app), ClientSession() as http:
+            for auth, status in [("bearer s3cret", 200), ("BEARER s3cret", 200), ("Bearer   s3cret ", 200),
+                                 ("bEaReR s3cret", 200), ("Basic s3cret", 401), ("Bearers3cret", 401),
+                                 ("bearer wrong", 401), ("bearer", 401)]:
+                async with http.get(url + "/metrics", headers={"Authorization": auth}) as r:
+                    assert r.status == status, auth
+            async with http.ws_connect(url + "/ws", headers={"Authorization": "bearer s3cret"}) as sock:
+                assert (await sock.receive_json(timeout=5))["type"] == "hello"
+            assert await settle(lambda: not app[MANAGER].sessions)
+
+    run(main())
+
+
+def test_decode_errors_show_the_client_no_object_reprs():
+    async def main():
+        async with serve() as (url, app), ClientSession() as http:
+            async with http.ws_connect(url + "/ws") as sock:
+                session = (await sock.receive_json(timeout=5))["session"]
+                errors = []
+                jpeg = WsCamera(sock).encoded[0]
+                for fmt, payload in [(websocket.JPEG, b"not a jpeg"), (websocket.WEBP, b"RIFF\0\0\0\0WEBPjunk"),
+                                     (websocket.JPEG, jpeg[: len(jpeg) // 3]), (websocket.WEBP, jpeg)]:
+                    await sock.send_bytes(websocket.pack(fmt, 1, 0, payload))
+                    errors.append((await sock.receive_json(timeout=5))["error"])
+                await sock.send_str(json.dumps({"type": "background", "image": "data:image/png;base64,AAAA"}))
+                errors.append((await sock.receive_json(timeout=5))["error"])
+                png = noisy_png(33, 17, CYAN)
+                for body in [b"\x89PNG\r\n\x1a\n" + b"\0" * 40, png[: len(png) // 2], b"BM" + b"\xff" * 60]:
+                    async with http.post(f"{url}/session/{session}/background", data=body) as r:
+                        assert r.status == 400
+                        errors.append((await r.json())["error"])
+            assert errors[0].startswith("cannot decode the JPEG frame")
+            for error in errors:
+                assert "0x" not in error and "<" not in error and "object at" not in error, errors
+
+    run(main())

@@ -26,8 +26,10 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import quote, quote_plus, unquote_plus
 
 from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
 from yarl import URL
 
 from ..engine.composite import Background, parse_background
@@ -43,6 +45,7 @@ WEB_DIR = next((d for d in (Path(__file__).resolve().parents[1] / "web", Path(__
                 if d.is_dir()), Path(__file__).resolve().parents[2] / "web")
 OFFER_LIMIT = 64 * 1024
 MANAGER = web.AppKey("manager", SessionManager)
+_QUERY_PARAM = re.compile(r"(?<=[?&;])([^=&;#\s\"]+)=[^&;#\s\"]*")
 _HOST = re.compile(r"(?:\[(?P<ip6>[0-9A-Fa-f:.]+)\]|[A-Za-z0-9._-]+)(?::(?P<port>[0-9]{0,5}))?")
 
 
@@ -104,8 +107,9 @@ def check_access(request: web.Request) -> None:
     """Token (when set) and, for browsers, same origin; raises 401 / 403 JSON errors."""
     token = request.app[CONFIG].token
     if token is not None:
-        auth = request.headers.get("Authorization", "")
-        given = auth[7:].strip() if auth.startswith("Bearer ") else request.query.get("token", "")
+        scheme, _, credentials = request.headers.get("Authorization", "").strip().partition(" ")
+        # Auth schemes are case-insensitive (RFC 9110 11.1): "bearer T" is as good as "Bearer T".
+        given = credentials.strip() if scheme.lower() == "bearer" else request.query.get("token", "")
         if not hmac.compare_digest(given.encode(), token.encode()):
             raise json_error(401, "missing or wrong token")
     elif not is_loopback(URL(f"http://{request.host}").host or ""):
@@ -121,6 +125,31 @@ def check_access(request: web.Request) -> None:
             same = False
         if not same:
             raise json_error(403, f"origin {origin} is not allowed: open the page from this server")
+
+
+class AccessLogger(AbstractAccessLogger):
+    """aiohttp's access log line (-v) without the token: page and WebSocket URLs carry it as ?token=."""
+
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        version = f"HTTP/{request.version.major}.{request.version.minor}"
+        line = (f'{request.remote} "{request.method} {request.raw_path} {version}" {response.status} '
+                f'{response.body_length} {time:.3f}s "{request.headers.get("Referer", "-")}" '
+                f'"{request.headers.get("User-Agent", "-")}"')
+        config = request.app.get(CONFIG) if isinstance(request, web.Request) else None
+        self.logger.info("%s", redact(line, config.token if config else None))
+
+
+def redact(text: str, token: str | None) -> str:
+    """`text` with the value of every query parameter named token (however it is encoded) and the token itself
+    (as is or URL-encoded) replaced by "[redacted]"."""
+
+    def param(m: re.Match) -> str:
+        return f"{m[1]}=[redacted]" if unquote_plus(m[1]).lower() == "token" else m[0]
+
+    text = _QUERY_PARAM.sub(param, text)
+    for form in {token, quote(token, safe=""), quote_plus(token)} if token else ():
+        text = text.replace(form, "[redacted]")
+    return text
 
 
 async def read_body(request: web.Request, limit: int) -> bytes:
@@ -369,7 +398,7 @@ def serve(args, background: Background, socks: list[socket.socket]) -> int:
     suffix = f"?token={args.token}" if args.token else ""
     print(f"rmbg-stream: serving {url}/{suffix}  (OBS browser source: {url}/obs{suffix})", flush=True)
     try:
-        web.run_app(make_app(engine, config), sock=socks, print=None,
+        web.run_app(make_app(engine, config), sock=socks, print=None, access_log_class=AccessLogger,
                     access_log=log if getattr(args, "verbose", False) else None)
     finally:
         engine.close()
