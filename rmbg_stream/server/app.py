@@ -7,30 +7,38 @@
     GET  /healthz, /metrics        liveness, and Prometheus text
 
 With --token, /offer, /ws, uploads and /metrics need it (`Authorization: Bearer T`, or `?token=T` where a browser
-cannot set headers); WebSocket and API requests from a browser must come from this server's own origin.
+cannot set headers); WebSocket and API requests from a browser must come from this server's own origin. The access
+log (-v) shows no token. A malformed Host header is a 400 on every route; JSON from clients goes through
+untrusted.loads_json (depth-bounded).
 """
 
 from __future__ import annotations
 
+import errno
 import gc
 import hmac
 import ipaddress
 import json
 import logging
 import os
+import re
 import shutil
+import socket
 import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import quote, quote_plus, unquote_plus
 
 from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
 from yarl import URL
 
 from ..engine.composite import Background, parse_background
 from ..engine.engine import Engine
 from . import metrics, webrtc, websocket
 from .sessions import ControlError, Full, SessionManager
+from .untrusted import TooDeep, loads_json
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +47,8 @@ WEB_DIR = next((d for d in (Path(__file__).resolve().parents[1] / "web", Path(__
                 if d.is_dir()), Path(__file__).resolve().parents[2] / "web")
 OFFER_LIMIT = 64 * 1024
 MANAGER = web.AppKey("manager", SessionManager)
+_QUERY_PARAM = re.compile(r"(?<=[?&;])([^=&;#\s\"]+)=[^&;#\s\"]*")
+_HOST = re.compile(r"(?:\[(?P<ip6>[0-9A-Fa-f:.]+)\]|[A-Za-z0-9._-]+)(?::(?P<port>[0-9]{0,5}))?")
 
 
 @dataclass
@@ -65,8 +75,10 @@ def json_error(status: int, message: str) -> web.HTTPException:
 
 @web.middleware
 async def errors_as_json(request: web.Request, handler):
-    """Every error leaves as {"error": ...}; aiohttp's own (404, 405, 413) included."""
+    """Every error leaves as {"error": ...}; aiohttp's own (404, 405, 413) included. A malformed Host is refused
+    first, on every route, so no handler has to parse one."""
     try:
+        check_host(request.host)
         response = await handler(request)
     except web.HTTPException as exc:
         if exc.status < 400 or exc.content_type == "application/json":
@@ -80,12 +92,26 @@ async def errors_as_json(request: web.Request, handler):
     return response
 
 
+def check_host(host: str) -> None:
+    """400 unless `host` is a Host header: a name or IPv4 address, or an [IPv6] address, and an optional port."""
+    m = _HOST.fullmatch(host)
+    ok = m is not None and int(m["port"] or 0) <= 65535
+    if ok and m["ip6"] is not None:
+        try:
+            ipaddress.IPv6Address(m["ip6"])
+        except ValueError:
+            ok = False
+    if not ok:
+        raise json_error(400, f"malformed Host header {host[:100]!r}: expected a host name or address and a port")
+
+
 def check_access(request: web.Request) -> None:
     """Token (when set) and, for browsers, same origin; raises 401 / 403 JSON errors."""
     token = request.app[CONFIG].token
     if token is not None:
-        auth = request.headers.get("Authorization", "")
-        given = auth[7:].strip() if auth.startswith("Bearer ") else request.query.get("token", "")
+        scheme, _, credentials = request.headers.get("Authorization", "").strip().partition(" ")
+        # Auth schemes are case-insensitive (RFC 9110 11.1): "bearer T" is as good as "Bearer T".
+        given = credentials.strip() if scheme.lower() == "bearer" else request.query.get("token", "")
         if not hmac.compare_digest(given.encode(), token.encode()):
             raise json_error(401, "missing or wrong token")
     elif not is_loopback(URL(f"http://{request.host}").host or ""):
@@ -103,13 +129,42 @@ def check_access(request: web.Request) -> None:
             raise json_error(403, f"origin {origin} is not allowed: open the page from this server")
 
 
+class AccessLogger(AbstractAccessLogger):
+    """aiohttp's access log line (-v) without the token: page and WebSocket URLs carry it as ?token=."""
+
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        version = f"HTTP/{request.version.major}.{request.version.minor}"
+        line = (f'{request.remote} "{request.method} {request.raw_path} {version}" {response.status} '
+                f'{response.body_length} {time:.3f}s "{request.headers.get("Referer", "-")}" '
+                f'"{request.headers.get("User-Agent", "-")}"')
+        config = request.app.get(CONFIG) if isinstance(request, web.Request) else None
+        self.logger.info("%s", redact(line, config.token if config else None))
+
+
+def redact(text: str, token: str | None) -> str:
+    """`text` with the value of every query parameter named token (however it is encoded) and the token itself
+    (as is or URL-encoded) replaced by "[redacted]"."""
+
+    def param(m: re.Match) -> str:
+        return f"{m[1]}=[redacted]" if unquote_plus(m[1]).lower() == "token" else m[0]
+
+    text = _QUERY_PARAM.sub(param, text)
+    for form in {token, quote(token, safe=""), quote_plus(token)} if token else ():
+        text = text.replace(form, "[redacted]")
+    return text
+
+
 async def read_body(request: web.Request, limit: int) -> bytes:
+    """The whole body, up to `limit` bytes (413 past it), however it arrives: in many TCP segments, or chunked."""
     if request.content_length is not None and request.content_length > limit:
         raise json_error(413, f"request body of {request.content_length} bytes is over the {limit} byte limit")
-    body = await request.content.read(limit + 1)
-    if len(body) > limit:
-        raise json_error(413, f"request body is over the {limit} byte limit")
-    return body
+    body = bytearray()
+    # One read returns only what is buffered so far; b"" means the body has ended.
+    while chunk := await request.content.read(limit + 1 - len(body)):
+        body += chunk
+        if len(body) > limit:
+            raise json_error(413, f"request body is over the {limit} byte limit")
+    return bytes(body)
 
 
 # -- handlers
@@ -118,7 +173,9 @@ async def read_body(request: web.Request, limit: int) -> bytes:
 async def offer(request: web.Request) -> web.Response:
     check_access(request)
     try:
-        params = json.loads(await read_body(request, OFFER_LIMIT))
+        params = loads_json(await read_body(request, OFFER_LIMIT))
+    except TooDeep as exc:
+        raise json_error(400, f'the body is {exc}: send {{"sdp": "...", "type": "offer"}}') from None
     except ValueError:
         raise json_error(400, 'the body must be JSON: {"sdp": "...", "type": "offer"}') from None
     if not isinstance(params, dict):
@@ -281,6 +338,29 @@ def tune_process(device) -> None:
         torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
 
 
+def listen(host: str, port: int) -> list[socket.socket]:
+    """Listening sockets on every address of `host`, opened before the model loads and the banner is printed, so
+    that a port out of range (ValueError) or in use (OSError) is one line at once, not a traceback after it."""
+    if not 0 <= port <= 65535:
+        raise ValueError(f"--port {port} is out of range: use 1 to 65535 (0 picks a free one)")
+    try:
+        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise ValueError(f"cannot listen on {host}: {exc.strerror}") from None
+    socks: list[socket.socket] = []
+    try:
+        for family, *_, address in addresses:  # "localhost" is 127.0.0.1 and ::1
+            if socks:  # one port for all of them, also when the first was picked by the system
+                address = (address[0], socks[0].getsockname()[1], *address[2:])
+            socks.append(socket.create_server(address, family=family, backlog=128))
+    except OSError as exc:
+        for sock in socks:
+            sock.close()
+        hint = ": is another server running there? Pick another --port" if exc.errno == errno.EADDRINUSE else ""
+        raise OSError(exc.errno, f"cannot listen on {host}:{port}: {exc.strerror}{hint}") from None
+    return socks
+
+
 def run_cli(args) -> int:
     if not is_loopback(args.host) and not args.token:
         print(f"error: refusing to serve on {args.host} without --token: anyone who can reach it could use it "
@@ -293,6 +373,20 @@ def run_cli(args) -> int:
         raise ValueError("serve takes no video background: use a colour, an image, blur or transparent")
     if background.kind == "image" and not Path(background.path).is_file():
         raise FileNotFoundError(f"background image not found: {background.path}")
+    try:
+        socks = listen(args.host, args.port)
+    except OSError as exc:
+        print(f"error: {exc.strerror}", file=sys.stderr)
+        return 1
+    try:
+        return serve(args, background, socks)
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def serve(args, background: Background, socks: list[socket.socket]) -> int:
+    """Loads the model and runs the app on `socks` until interrupted."""
     from ..cli import build_backend
 
     if is_loopback(args.host):
@@ -301,11 +395,12 @@ def run_cli(args) -> int:
     tune_process(backend.device)
     engine = Engine(backend, max_batch=args.batch, max_wait_ms=4)
     config = Config(token=args.token, max_sessions=args.max_sessions, background=background, model=args.model)
-    url = f"http://{args.host}:{args.port}"
+    host = args.host if ":" not in args.host else f"[{args.host}]"
+    url = f"http://{host}:{socks[0].getsockname()[1]}"
     suffix = f"?token={args.token}" if args.token else ""
     print(f"rmbg-stream: serving {url}/{suffix}  (OBS browser source: {url}/obs{suffix})", flush=True)
     try:
-        web.run_app(make_app(engine, config), host=args.host, port=args.port, print=None,
+        web.run_app(make_app(engine, config), sock=socks, print=None, access_log_class=AccessLogger,
                     access_log=log if getattr(args, "verbose", False) else None)
     finally:
         engine.close()

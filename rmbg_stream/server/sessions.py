@@ -13,7 +13,6 @@ import binascii
 import contextlib
 import inspect
 import io
-import json
 import logging
 import secrets
 import time
@@ -29,6 +28,7 @@ from ..engine.composite import Background, parse_background
 from ..engine.engine import Engine, Result, StreamOptions, as_rgb
 from ..engine.yuv import i420_planes, join_i420, spec_of
 from .metrics import Histogram, Meter
+from .untrusted import TooDeep, error_text, loads_json
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ def decode_upload(data: bytes, limit: int) -> Image.Image:
         img.load()
         img = img.convert("RGB")
     except Exception as exc:
-        raise ControlError(f"the {img.format} image is damaged: {exc}") from None
+        raise ControlError(f"the {img.format} image is damaged: {error_text(exc)}") from None
     img.thumbnail((BACKGROUND_MAX_SIDE, BACKGROUND_MAX_SIDE))
     return img
 
@@ -143,9 +143,11 @@ def parse_control(message, limit: int = CONTROL_LIMIT) -> dict:
     if len(message) > limit:
         raise ControlError(f"control message of {len(message)} bytes is over the {limit} byte limit")
     try:
-        msg = json.loads(message)
+        msg = loads_json(message)
+    except TooDeep as exc:
+        raise ControlError(f"control message is {exc}") from None
     except ValueError as exc:
-        raise ControlError(f"control message is not JSON: {exc}") from None
+        raise ControlError(f"control message is not JSON: {error_text(exc)}") from None
     if not isinstance(msg, dict) or not isinstance(msg.get("type"), str):
         raise ControlError('a control message is a JSON object with a "type"')
     return msg
@@ -227,6 +229,17 @@ class Session:
         self.manager.latency.observe(latency)
 
     # -- controls
+    async def answer_control(self, message, limit: int = CONTROL_LIMIT) -> dict:
+        """The reply to a control message as it came off the socket or data channel, whatever it holds: a fault
+        in one control is an error reply, never the end of the session."""
+        try:
+            return await self.control(parse_control(message, limit))
+        except ControlError as exc:
+            return {"type": "error", "error": str(exc)}
+        except Exception:
+            log.exception("session %s: control failed", self.id)
+            return {"type": "error", "error": "the server could not carry out this control"}
+
     async def control(self, msg: dict) -> dict:
         kind = msg["type"]
         if kind == "ping":

@@ -22,7 +22,8 @@ from aiortc.jitterbuffer import JitterBuffer, JitterFrame
 from aiortc.mediastreams import VIDEO_TIME_BASE, MediaStreamError
 
 from .frames import rgb_to_i420, split_rgba, stack_i420, stacked_i420, video_frame
-from .sessions import Closed, ControlError, Session, SessionManager, Tag, parse_control
+from .sessions import Closed, Session, SessionManager, Tag
+from .untrusted import error_text
 
 log = logging.getLogger(__name__)
 
@@ -211,11 +212,7 @@ def _send(channel, message: dict) -> None:
 
 def attach_channel(channel, session: Session) -> None:
     async def answer_control(message):
-        try:
-            reply = await session.control(parse_control(message))
-        except ControlError as exc:
-            reply = {"type": "error", "error": str(exc)}
-        _send(channel, reply)
+        _send(channel, await session.answer_control(message))
 
     @channel.on("message")
     def on_message(message):
@@ -301,7 +298,7 @@ async def answer(params: dict, manager: SessionManager) -> dict:
         raise
     except Exception as exc:
         await session.close()
-        raise BadOffer(f"invalid SDP offer: {exc or exc.__class__.__name__}") from None
+        raise BadOffer(f"invalid SDP offer: {error_text(exc)}") from None
     if track is not None:
         session.spawn(pump(track, session))
     session.spawn(watchdog(pc, session))

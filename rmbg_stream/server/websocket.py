@@ -29,9 +29,10 @@ import time
 import cv2
 import numpy as np
 from aiohttp import WSMsgType, web
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
-from .sessions import ControlError, Latest, Session, SessionManager, Tag, parse_control
+from .sessions import Latest, Session, SessionManager, Tag
+from .untrusted import error_text
 
 HEADER = struct.Struct("!2sBBId")
 MAGIC = b"RM"
@@ -74,8 +75,10 @@ def decode(fmt: int, payload: bytes) -> np.ndarray:
         return np.array(img.convert("RGB"))  # a writable array: the engine wraps it as a tensor
     except ProtocolError:
         raise
+    except UnidentifiedImageError:
+        raise ProtocolError(f"cannot decode the {FORMATS[fmt]} frame: it is not an image") from None
     except Exception as exc:
-        raise ProtocolError(f"cannot decode the {FORMATS[fmt]} frame: {exc}") from None
+        raise ProtocolError(f"cannot decode the {FORMATS[fmt]} frame: {error_text(exc)}") from None
 
 
 def encode(fmt: int, image: np.ndarray, quality: int = 80) -> tuple[int, bytes]:
@@ -150,11 +153,7 @@ async def handle(ws: web.WebSocketResponse, manager: SessionManager, session: Se
                 continue
             incoming.put((fmt, seq, ts, payload, arrived))
         elif msg.type == WSMsgType.TEXT:
-            try:
-                reply = await session.control(parse_control(msg.data, limit=manager.upload_limit * 4 // 3 + 1024))
-            except ControlError as exc:
-                reply = {"type": "error", "error": str(exc)}
-            await send_json(reply)
+            await send_json(await session.answer_control(msg.data, limit=manager.upload_limit * 4 // 3 + 1024))
         elif msg.type == WSMsgType.ERROR:
             break
     incoming.close()
