@@ -12,7 +12,8 @@ DEFAULT_MODEL = "briaai/RMBG-2.0"
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help="hub id or alias (rmbg-2.0, birefnet, birefnet-lite), a checkpoint file or snapshot "
-                        "folder, 'chroma[:COLOUR]' for green/blue screens (default: %(default)s)")
+                        "folder, 'chroma[:COLOUR|auto]' for green/blue screens (auto: the key is learned from the "
+                        "frame borders) (default: %(default)s)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
                    help="network precision; half precision needs CUDA (default: fp16 on CUDA, fp32 on CPU)")
