@@ -100,6 +100,12 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-sessions", type=int, default=8)
     p.add_argument("--token", default=None, help="required when binding to a non-loopback address")
     p.add_argument("--batch", type=int, default=4, help="max frames per network batch (default: %(default)s)")
+    p.add_argument("--tls", choices=["self-signed"], default=None,
+                   help="serve HTTPS with a certificate made at start for this machine's names and addresses (its "
+                        "fingerprint is printed): browsers on other machines get the camera only over HTTPS "
+                        "(default: plain HTTP)")
+    p.add_argument("--tls-cert", metavar="FILE", default=None, help="serve HTTPS with this PEM certificate (chain)")
+    p.add_argument("--tls-key", metavar="FILE", default=None, help="the PEM private key of --tls-cert")
     add_model_args(p)
     p.set_defaults(func=cmd_serve)
 

@@ -29,7 +29,7 @@ from yarl import URL
 
 from ..engine.composite import Background, parse_background
 from ..engine.engine import Engine
-from . import metrics, webrtc, websocket
+from . import metrics, tls, webrtc, websocket
 from .sessions import ControlError, Full, SessionManager
 
 log = logging.getLogger(__name__)
@@ -281,6 +281,20 @@ def tune_process(device) -> None:
         torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
 
 
+def startup_lines(host: str, port: int, token: str | None, secure: tls.TLS | None) -> str:
+    """What to open: the page and the OBS source at each address of this machine the server listens on."""
+    suffix = f"?token={token}" if token else ""
+    bases = tls.urls(host, port, secure is not None)
+    lines = [f"rmbg-stream: serving {bases[0]}/{suffix}"] + [f"             also at {b}/{suffix}" for b in bases[1:]]
+    lines.append(f"             OBS browser source (on this machine): {bases[0]}/obs{suffix}")
+    if secure is not None:
+        lines.append(f"             TLS: {secure.description}, SHA-256 fingerprint {secure.fingerprint}")
+    elif not is_loopback(host):
+        lines.append("             other machines get no camera over http:// (browsers allow it only on https:// "
+                     "or localhost): add --tls self-signed, or --tls-cert FILE --tls-key FILE")
+    return "\n".join(lines)
+
+
 def run_cli(args) -> int:
     if not is_loopback(args.host) and not args.token:
         print(f"error: refusing to serve on {args.host} without --token: anyone who can reach it could use it "
@@ -293,6 +307,7 @@ def run_cli(args) -> int:
         raise ValueError("serve takes no video background: use a colour, an image, blur or transparent")
     if background.kind == "image" and not Path(background.path).is_file():
         raise FileNotFoundError(f"background image not found: {background.path}")
+    secure = tls.load(getattr(args, "tls_cert", None), getattr(args, "tls_key", None), getattr(args, "tls", None))
     from ..cli import build_backend
 
     if is_loopback(args.host):
@@ -301,11 +316,10 @@ def run_cli(args) -> int:
     tune_process(backend.device)
     engine = Engine(backend, max_batch=args.batch, max_wait_ms=4)
     config = Config(token=args.token, max_sessions=args.max_sessions, background=background, model=args.model)
-    url = f"http://{args.host}:{args.port}"
-    suffix = f"?token={args.token}" if args.token else ""
-    print(f"rmbg-stream: serving {url}/{suffix}  (OBS browser source: {url}/obs{suffix})", flush=True)
+    print(startup_lines(args.host, args.port, args.token, secure), flush=True)
     try:
         web.run_app(make_app(engine, config), host=args.host, port=args.port, print=None,
+                    ssl_context=secure.context if secure else None,
                     access_log=log if getattr(args, "verbose", False) else None)
     finally:
         engine.close()
