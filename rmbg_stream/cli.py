@@ -12,7 +12,8 @@ DEFAULT_MODEL = "briaai/RMBG-2.0"
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help="hub id or alias (rmbg-2.0, birefnet, birefnet-lite), a checkpoint file or snapshot "
-                        "folder, 'chroma[:COLOUR]' for green/blue screens (default: %(default)s)")
+                        "folder, 'chroma[:COLOUR|auto]' for green/blue screens (auto: the key is learned from the "
+                        "frame borders) (default: %(default)s)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
                    help="network precision; half precision needs CUDA (default: fp16 on CUDA, fp32 on CPU)")
@@ -105,6 +106,12 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-sessions", type=int, default=8)
     p.add_argument("--token", default=None, help="required when binding to a non-loopback address")
     p.add_argument("--batch", type=int, default=4, help="max frames per network batch (default: %(default)s)")
+    p.add_argument("--tls", choices=["self-signed"], default=None,
+                   help="serve HTTPS with a certificate made at start for this machine's names and addresses (its "
+                        "fingerprint is printed): browsers on other machines get the camera only over HTTPS "
+                        "(default: plain HTTP)")
+    p.add_argument("--tls-cert", metavar="FILE", default=None, help="serve HTTPS with this PEM certificate (chain)")
+    p.add_argument("--tls-key", metavar="FILE", default=None, help="the PEM private key of --tls-cert")
     add_model_args(p)
     p.set_defaults(func=cmd_serve)
 

@@ -1,14 +1,20 @@
-"""End to end in headless Chromium: a fake camera playing a generated green-screen clip, the page over WebRTC (and
-over the WebSocket), the OBS page; the page's own counters and pixel samples are read over the DevTools protocol."""
+"""End to end in headless Chromium: a fake camera playing a generated green-screen clip (or Chromium's own fake
+pattern), the page over WebRTC (and over the WebSocket, and HTTPS from another name), the OBS page, the error and
+insecure-context banners; the page's own counters and pixel samples are read over the DevTools protocol.
+
+Screenshots of each state go to tests/artifacts/ (git-ignored; CI keeps them) for a reviewer to look at."""
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import itertools
 import json
 import os
 import shutil
+import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 from urllib.parse import quote
@@ -27,6 +33,8 @@ pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(CHROMIUM is None and not os.environ.get("CI"),
                                  reason="needs chromium (apt-get install chromium)")]
 ORANGE = (255, 128, 0)
+ARTIFACTS = Path(__file__).parent / "artifacts"
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def write_clip(path: Path, width=640, height=480, frames=60) -> None:
@@ -64,23 +72,56 @@ class Page:
     async def state(self, name="rmbg") -> dict:
         return json.loads(await self.eval(f"JSON.stringify(window.{name} || null)") or "null") or {}
 
+    async def screenshot(self, name: str) -> None:
+        ARTIFACTS.mkdir(exist_ok=True)
+        shot = await self.call("Page.captureScreenshot", format="png")
+        (ARTIFACTS / f"{name}.png").write_bytes(base64.b64decode(shot["data"]))
+
+    async def hidden_but_shown(self) -> list[str]:
+        """Elements with the `hidden` attribute that are laid out all the same (a CSS display rule beat it)."""
+        return await self.eval("""[...document.querySelectorAll('[hidden]')]
+            .filter((e) => getComputedStyle(e).display !== 'none' || e.getClientRects().length > 0)
+            .map((e) => e.id || e.tagName)""")
+
+    async def check(self, name: str) -> None:
+        """A state of the page: nothing hidden shows; its screenshot is saved."""
+        assert await self.hidden_but_shown() == [], name
+        await self.screenshot(name)
+
+    async def banner(self) -> dict:
+        """Where the error banner is, against the viewport."""
+        return await self.eval("""(() => {
+            const e = document.getElementById('error');
+            const r = e.getBoundingClientRect();
+            return { text: e.textContent, shown: !e.hidden && r.height > 0, top: r.top, bottom: r.bottom,
+                     viewport: innerHeight, status: document.getElementById('status').textContent }; })()""")
+
+    async def stop_ends_tracks(self) -> list[str]:
+        """Presses Stop; the readyState of every camera track it had."""
+        await self.eval("window.testTracks = document.getElementById('local').srcObject.getTracks(); true")
+        await self.eval("document.getElementById('stop').click()")
+        return await self.eval("window.testTracks.map((t) => t.readyState)")
+
 
 class Chromium:
-    def __init__(self, http: ClientSession, tmp: Path, clip: Path):
-        self.http, self.tmp, self.clip = http, tmp, clip
+    """Headless, 1280x900; `clip` None: Chromium's own fake camera pattern (a dark green, out of gamut in 4:2:0)."""
+
+    def __init__(self, http: ClientSession, tmp: Path, clip: Path | None, flags: tuple[str, ...] = ()):
+        self.http, self.tmp, self.clip, self.flags = http, tmp, clip, flags
         self.proc: subprocess.Popen | None = None
         self.port = 0
 
     async def start(self, url: str) -> Page:
         profile = self.tmp / "profile"
+        clip = [f"--use-file-for-fake-video-capture={self.clip}"] if self.clip else []
         self.proc = subprocess.Popen(
             [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
              "--disable-background-networking", "--disable-component-update", "--disable-sync",
              f"--user-data-dir={profile}", "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream",
-             f"--use-file-for-fake-video-capture={self.clip}", "--remote-debugging-port=0",
+             *clip, "--remote-debugging-port=0", "--window-size=1280,900",
              "--autoplay-policy=no-user-gesture-required", "--disable-background-timer-throttling",
              "--disable-renderer-backgrounding", "--disable-backgrounding-occluded-windows",
-             "--disable-dev-shm-usage", "--allow-loopback-in-peer-connection", url],
+             "--disable-dev-shm-usage", "--allow-loopback-in-peer-connection", *self.flags, url],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         port_file = profile / "DevToolsActivePort"
         assert await settle(port_file.exists, 30), "chromium did not start"
@@ -91,10 +132,13 @@ class Chromium:
         return await self.attach(target)
 
     async def attach(self, target: dict) -> Page:
-        return Page(await self.http.ws_connect(target["webSocketDebuggerUrl"], max_msg_size=0))
+        page = Page(await self.http.ws_connect(target["webSocketDebuggerUrl"], max_msg_size=0))
+        # The viewport of the issue's screenshots, whatever the headless window's frame takes.
+        await page.call("Emulation.setDeviceMetricsOverride", width=1280, height=900, deviceScaleFactor=1, mobile=False)
+        return page
 
     async def open(self, url: str) -> Page:
-        async with self.http.put(f"http://127.0.0.1:{self.port}/json/new?{url}") as r:
+        async with self.http.put(f"http://127.0.0.1:{self.port}/json/new?{quote(url, safe='')}") as r:
             return await self.attach(await r.json())
 
     def stop(self) -> None:
@@ -104,6 +148,22 @@ class Chromium:
                 self.proc.wait(10)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
+
+
+async def until(page: Page, expression: str, timeout: float = 30) -> None:
+    """Waits for a JavaScript expression to be true (a new tab may not have run its scripts yet)."""
+    deadline = time.monotonic() + timeout
+    while not await page.eval(f"!!({expression})"):
+        assert time.monotonic() < deadline, f"timed out waiting for {expression}"
+        await asyncio.sleep(0.2)
+
+
+def assert_in_view(banner: dict, *words: str) -> None:
+    """The error banner shows, inside the 1280x900 viewport, under the header; the header does not say idle."""
+    assert banner["shown"] and 0 <= banner["top"] < 120 and banner["bottom"] <= banner["viewport"] == 900, banner
+    assert banner["status"] not in ("idle", ""), banner
+    for w in words:
+        assert w in banner["text"], banner
 
 
 async def wait_for(page: Page, predicate, timeout: float, name="rmbg") -> dict:
@@ -151,10 +211,22 @@ def test_browser_webrtc_at_20_fps_with_the_chosen_background_and_obs_transparenc
                 assert background[3] < 30 and stamp[3] > 225, state
                 assert {s.kind for s in app[MANAGER].sessions.values()} == {"webrtc", "viewer"}
 
-                # Stopping on the page closes the peer connection; the server lets go of everything.
-                await page.eval("stop()")
+                # Each state shows only its own panels (a hidden one used to show as an empty checker box).
+                await page.call("Page.bringToFront")  # a background tab draws no video frames
+                await page.check("webrtc-live")
+                await page.eval("document.getElementById('mask').click()")
+                await wait_for(page, lambda s: s["sample"] is not None and max(s["sample"]) < 40, 15)  # black: bg
+                await page.check("webrtc-mask-view")
+                await page.eval("document.getElementById('mask').click()")
+                await page.eval("setBackground('transparent')")
+                await until(page, "!document.getElementById('output').hidden", 15)  # colour over alpha, put together
+                await page.check("webrtc-transparent")
+
+                # Stop closes the peer connection and ends the camera (its light goes off); the server lets go.
+                assert await page.stop_ends_tracks() == ["ended"]
                 assert await settle(lambda: not app[MANAGER].sessions, 15), app[MANAGER].sessions
                 assert app[MANAGER].engine.stats()["streams"] == 0
+                await page.check("idle-after-stop")
             finally:
                 chrome.stop()
 
@@ -173,9 +245,121 @@ def test_browser_websocket_fallback(tmp_path):
                 state = await wait_for(page, lambda s: s.get("matched", 0) > 30, 60)
                 assert state["transport"] == "websocket" and near(state["sample"], ORANGE, 40)
                 assert [s.kind for s in app[MANAGER].sessions.values()] == ["websocket"]
-                await page.eval("stop()")
+                await page.check("websocket-live")
+                assert await page.stop_ends_tracks() == ["ended"]
                 assert await settle(lambda: not app[MANAGER].sessions, 10)
             finally:
                 chrome.stop()
 
     run(main())
+
+
+def test_browser_errors_show_in_view_and_say_what_happened(tmp_path):
+    clip = tmp_path / "clip.y4m"
+    write_clip(clip, frames=10)
+
+    async def main():
+        async with ClientSession() as http:
+            chrome = Chromium(http, tmp_path, clip)
+            try:
+                async with serve(token="secret") as (url, app):
+                    page = await chrome.start(f"{url}/?token=secret")
+                    await until(page, "window.rmbg")
+                    await page.check("idle")
+
+                    # A wrong token over the WebSocket: the browser does not say why it failed; the page asks.
+                    page = await chrome.open(f"{url}/?token=wrong&transport=websocket&autostart=1")
+                    await wait_for(page, lambda s: s.get("error"), 30)
+                    assert_in_view(await page.banner(), "Wrong or missing token")
+                    assert await page.eval("document.getElementById('local').srcObject === null")  # camera off
+                    await page.check("error-wrong-token")
+
+                    # The OBS page gives up on a wrong token instead of retrying it forever.
+                    obs = await chrome.open(f"{url}/obs?token=wrong")
+                    state = await wait_for(obs, lambda s: s.get("stopped"), 20, "rmbgObs")
+                    assert "Wrong or missing token" in state["status"] and "Stopped" in state["status"], state
+                    await obs.screenshot("obs-wrong-token")
+                    assert not app[MANAGER].sessions
+
+                async with serve() as (url, app):
+                    page = await chrome.open(f"{url}/")
+                    await until(page, "window.rmbg")
+                    obs = await chrome.open(f"{url}/obs")
+                    await until(obs, "window.rmbgObs")
+                # The server is gone: Start says it cannot be reached (not that it refused), the OBS page backs off.
+                await page.eval("document.getElementById('start').click()")
+                await wait_for(page, lambda s: s.get("error"), 30)
+                assert_in_view(await page.banner(), "Cannot reach the rmbg-stream server", "serve")
+                assert await page.eval("document.getElementById('local').srcObject === null")
+                await page.check("error-server-down")
+                state = await wait_for(obs, lambda s: "Cannot reach" in s.get("status", ""), 20, "rmbgObs")
+                assert "Retrying in" in state["status"] and "Failed to fetch" not in state["status"], state
+                await obs.screenshot("obs-server-down")
+            finally:
+                chrome.stop()
+
+    run(main())
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_browser_camera_from_another_name_needs_https_and_gets_it_with_tls_self_signed(tmp_path):
+    """`myhost.test` is a name that is not localhost (mapped to 127.0.0.1 in Chromium): over http:// the page says
+    why there is no camera; `serve --tls self-signed --host 0.0.0.0 --token T` serves it over https://, and the
+    camera starts. The camera is Chromium's own fake pattern, a green that was not keyed before."""
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "rmbg_stream", "serve", "--tls", "self-signed", "--host", "0.0.0.0", "--port",
+         str(port), "--token", "T", "--model", "chroma", "--background", "#ff8000"],
+        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True)
+
+    async def main():
+        async with ClientSession() as http:
+            chrome = Chromium(http, tmp_path, None, ("--host-resolver-rules=MAP myhost.test 127.0.0.1",
+                                                     "--ignore-certificate-errors"))
+            try:
+                async with serve() as (url, app):
+                    plain = url.replace("127.0.0.1", "myhost.test")
+                    page = await chrome.start(f"{plain}/?autostart=1")
+                    await until(page, "window.rmbg && window.rmbg.insecure")
+                    assert_in_view(await page.banner(), "not a secure address", "https://myhost.test", "--tls")
+                    assert await page.eval("document.getElementById('start').disabled")
+                    await page.check("insecure-context")
+                    assert not app[MANAGER].sessions
+
+                secure = f"https://myhost.test:{port}"
+
+                async def healthy() -> bool:
+                    try:
+                        async with http.get(f"https://127.0.0.1:{port}/healthz", ssl=False) as r:
+                            return r.status == 200
+                    except OSError:
+                        return False
+
+                deadline = time.monotonic() + 60
+                while not await healthy():
+                    assert server.poll() is None, server.stdout.read()
+                    assert time.monotonic() < deadline, "serve --tls did not start"
+                    await asyncio.sleep(0.5)
+                orange = quote("#ff8000")
+                page = await chrome.open(f"{secure}/?token=T&autostart=1&transport=webrtc&background={orange}")
+                state = await wait_for(page, lambda s: s.get("matched", 0) > 30, 90)
+                assert state["transport"] == "webrtc" and state["error"] is None
+                assert await page.eval("window.isSecureContext && location.protocol === 'https:'")
+                assert near(state["sample"], ORANGE, 40)  # Chromium's fake green is keyed
+                await page.check("tls-live")
+                assert await page.stop_ends_tracks() == ["ended"]
+            finally:
+                chrome.stop()
+
+    try:
+        run(main())
+    finally:
+        server.terminate()
+        out, _ = server.communicate(timeout=20)
+    assert "serving https://localhost:" in out and "SHA-256 fingerprint" in out and "0.0.0.0" not in out, out

@@ -11,7 +11,7 @@ const output = $('output');
 
 // Read by the end-to-end test, and handy in the console.
 const state = window.rmbg = {
-  status: 'idle', transport: null, codec: null, session: null, background: null, error: null,
+  status: 'idle', transport: null, codec: null, session: null, background: null, error: null, insecure: false,
   frames: 0, matched: 0, sample: null, stats: {},
 };
 
@@ -24,18 +24,42 @@ const thumb = document.createElement('canvas');
 thumb.width = 32; thumb.height = 24;
 const thumbCtx = thumb.getContext('2d', { willReadFrequently: true });
 
-class ServerRefused extends Error {}
+// Camera errors (DOMException names) -> what to do.
+const CAMERA_ERRORS = {
+  NotAllowedError: 'The camera was not allowed. Allow it for this site (the camera icon in the address bar), then '
+    + 'press Start again.',
+  NotFoundError: 'No camera was found. Connect one, then press Start again.',
+  NotReadableError: 'The camera is in use by another application, or the system blocked it. Close the other '
+    + 'application, then press Start again.',
+  OverconstrainedError: 'This camera cannot give the chosen resolution. Pick another one.',
+};
 
-function setStatus(text, live = false) {
+function setStatus(text, kind = '') {
   state.status = text;
   $('status').textContent = text;
-  $('status').classList.toggle('live', live);
+  $('status').classList.toggle('live', kind === 'live');
+  $('status').classList.toggle('failed', kind === 'error');
 }
 
 function showError(message) {
   state.error = message;
   $('error').textContent = message || '';
   $('error').hidden = !message;
+}
+
+// A failure that ends the session: camera off, the reason in the banner, and the header says so too.
+function fail(message) {
+  stop();
+  showError(message);
+  setStatus('error', 'error');
+}
+
+// Browsers give the camera only to secure pages: https://, or http://localhost / 127.0.0.1 on the same machine.
+function insecureMessage() {
+  const port = location.port ? `:${location.port}` : '';
+  return `The browser blocks the camera on this page because ${location.origin} is not a secure address. `
+    + `Open https://${location.host}${location.pathname} instead (start the server with \`--tls self-signed\`, or `
+    + `\`--tls-cert FILE --tls-key FILE\`), or http://localhost${port}/ on the machine that runs the server.`;
 }
 
 function authHeaders(extra = {}) {
@@ -108,16 +132,17 @@ async function startWebRTC() {
 
   await pc.setLocalDescription(await pc.createOffer());
   await gathered(pc);
-  const res = await fetch('offer', {
-    method: 'POST',
-    headers: authHeaders({ 'Content-Type': 'application/json' }),
-    body: JSON.stringify({ sdp: pc.localDescription.sdp, type: pc.localDescription.type }),
-  });
-  const body = await res.json().catch(() => ({ error: res.statusText }));
-  if (!res.ok) {
+  let body;
+  try {
+    // Unreachable or Refused (token, full, bad offer): a WebSocket would fare no better, so the caller stops.
+    body = await request('offer', {
+      method: 'POST',
+      headers: authHeaders({ 'Content-Type': 'application/json' }),
+      body: JSON.stringify({ sdp: pc.localDescription.sdp, type: pc.localDescription.type }),
+    });
+  } catch (err) {
     pc.close();
-    // The server said no (token, full, bad offer): a WebSocket would be refused just the same.
-    throw new ServerRefused(body.error || res.statusText);
+    throw err;
   }
   state.session = body.session;
   await pc.setRemoteDescription({ sdp: body.sdp, type: body.type });
@@ -136,7 +161,7 @@ async function startWebRTC() {
   } catch (err) { /* not supported here: fine */ }
   pc.onconnectionstatechange = () => {
     if (['failed', 'closed', 'disconnected'].includes(pc.connectionState) && conn && conn.pc === pc) {
-      stop(`connection ${pc.connectionState}`);
+      fail(`The connection to the server was lost (WebRTC ${pc.connectionState}). Press Start to reconnect.`);
     }
   };
   remote.hidden = false;
@@ -189,10 +214,15 @@ async function startSocket() {
   if (token) url.searchParams.set('token', token);
   const sock = new WebSocket(url);
   sock.binaryType = 'arraybuffer';
-  await new Promise((resolve, reject) => {
-    sock.onopen = resolve;
-    sock.onerror = () => reject(new ServerRefused('the WebSocket was refused (token, origin or server full)'));
+  const opened = await new Promise((resolve) => {
+    sock.onopen = () => resolve(true);
+    sock.onerror = () => resolve(false);
   });
+  if (!opened) {
+    // The browser hides why: ask the server over HTTP.
+    throw (await diagnose(authHeaders())) || new Error('The server accepted the page but not its WebSocket: a '
+      + 'proxy between this browser and the server may not pass WebSockets.');
+  }
   const grab = document.createElement('canvas');
   const gctx = grab.getContext('2d');
   const octx = output.getContext('2d');
@@ -216,7 +246,10 @@ async function startSocket() {
     countFrame(bmp, bmp.width, bmp.height);
     bmp.close();
   };
-  sock.onclose = () => { closed = true; if (conn && conn.sock === sock) stop('socket closed'); };
+  sock.onclose = () => {
+    closed = true;
+    if (conn && conn.sock === sock) fail('The connection to the server was lost (WebSocket closed). Press Start to reconnect.');
+  };
 
   // Send the camera at its own rate with at most two frames unanswered: a slow server means dropped frames, not a
   // growing queue in the socket.
@@ -284,17 +317,22 @@ function send(msg) {
 }
 
 async function start() {
+  if (state.insecure) return;
   showError(null);
   $('start').disabled = true;
   try {
-    stream = stream || await openCamera();
+    try {
+      stream = stream || await openCamera();
+    } catch (err) {
+      throw new Error(CAMERA_ERRORS[err.name] || `The camera did not start: ${err.message}`);
+    }
     const choice = $('transport').value;
     if (choice !== 'websocket') {
       try {
         setStatus('connecting (WebRTC)…');
         conn = await startWebRTC();
       } catch (err) {
-        if (err instanceof ServerRefused || choice === 'webrtc') throw err;
+        if (err instanceof Unreachable || err instanceof Refused || choice === 'webrtc') throw err;
         console.warn('WebRTC failed, falling back to the WebSocket:', err);
       }
     }
@@ -304,21 +342,28 @@ async function start() {
     }
     state.transport = conn.kind;
     $('s-transport').textContent = conn.kind;
-    setStatus(`live (${conn.kind})`, true);
+    setStatus(`live (${conn.kind})`, 'live');
     $('stop').disabled = false;
     $('pause').disabled = false;
     const initial = params.get('background');
     if (initial) setBackground(initial);
   } catch (err) {
-    stop();
-    showError(err.message);
+    fail(err.message);
   }
 }
 
-function stop(reason) {
+// Closes the transport and ends every camera track (the camera's light goes off); the panels go back to idle.
+function stop() {
   if (conn) { const c = conn; conn = null; c.close(); }
+  if (stream) { stream.getTracks().forEach((t) => t.stop()); stream = null; }
+  local.srcObject = null;
+  remote.srcObject = null;
+  remote.hidden = false;
+  remote.style.visibility = '';
+  remote.style.position = '';
+  output.hidden = true;
   state.transport = null;
-  setStatus(reason || 'idle');
+  setStatus('idle');
   $('start').disabled = false;
   $('stop').disabled = true;
   $('pause').disabled = true;
@@ -332,11 +377,14 @@ function setBackground(value) {
 
 async function uploadBackground(file) {
   if (!state.session) return;
-  const res = await fetch(`session/${encodeURIComponent(state.session)}/background`, {
-    method: 'POST', headers: authHeaders({ 'Content-Type': file.type || 'application/octet-stream' }), body: file,
-  });
-  const body = await res.json().catch(() => ({ error: res.statusText }));
-  if (!res.ok) { showError(body.error); return; }
+  try {
+    await request(`session/${encodeURIComponent(state.session)}/background`, {
+      method: 'POST', headers: authHeaders({ 'Content-Type': file.type || 'application/octet-stream' }), body: file,
+    });
+  } catch (err) {
+    showError(err.message);
+    return;
+  }
   showError(null);
   state.background = 'upload';
 }
@@ -400,4 +448,11 @@ for (const key of ['transport', 'codec', 'resolution']) {
   if (v && [...$(key).options].some((o) => o.value === v)) $(key).value = v;
 }
 setInterval(updateStats, 1000);
-if (params.get('autostart')) start();
+if (!window.isSecureContext || !navigator.mediaDevices) {
+  state.insecure = true;
+  $('start').disabled = true;
+  showError(insecureMessage());
+  setStatus('camera blocked', 'error');
+} else if (params.get('autostart')) {
+  start();
+}

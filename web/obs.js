@@ -1,5 +1,7 @@
 // OBS Browser Source: receives a camera session's output as colour over alpha and draws it with real transparency.
-// Reconnects by itself, so it can be set up in OBS before the camera page is opened.
+// Reconnects by itself, so it can be set up in OBS before the camera page is opened: at once after a lost
+// connection, every 2 s while no camera session is open, backing off to 30 s while the server is unreachable. A
+// wrong token or a refused origin will not fix itself, so those stop with a message instead.
 'use strict';
 
 const params = new URLSearchParams(location.search);
@@ -12,6 +14,7 @@ const compositor = createCompositor(canvas);
 const state = window.rmbgObs = { status: 'connecting', frames: 0, compositor: compositor.kind, points: [], samples: [] };
 let pc = null;
 let retry = null;
+let unreachable = 0; // attempts in a row that got no answer
 
 function setStatus(text, show = true) {
   state.status = text;
@@ -19,11 +22,26 @@ function setStatus(text, show = true) {
   statusEl.hidden = !show;
 }
 
-function scheduleRetry(reason) {
+function scheduleRetry(message, seconds) {
   if (pc) { pc.close(); pc = null; }
-  setStatus(`${reason}; retrying…`);
+  setStatus(`${message} Retrying in ${seconds} s…`);
   clearTimeout(retry);
-  retry = setTimeout(connect, 2000);
+  retry = setTimeout(connect, seconds * 1000);
+}
+
+// Unreachable: back off 2, 4, 8, 16, 30 s; refused for good (401, 403): stop; anything else: again in 2 s.
+function onError(err) {
+  if (err instanceof Unreachable) {
+    unreachable += 1;
+    scheduleRetry(err.message, Math.min(30, 2 ** unreachable));
+  } else if (err instanceof Refused && (err.status === 401 || err.status === 403)) {
+    if (pc) { pc.close(); pc = null; }
+    state.stopped = true;
+    setStatus(`${err.message} Stopped: fix the Browser Source's URL, then refresh it.`);
+  } else {
+    unreachable = 0;
+    scheduleRetry(err.message, 2);
+  }
 }
 
 async function connect() {
@@ -34,22 +52,23 @@ async function connect() {
   pc.onconnectionstatechange = () => {
     if (me !== pc) return;
     if (pc.connectionState === 'connected') setStatus('live', false);
-    if (['failed', 'closed', 'disconnected'].includes(pc.connectionState)) scheduleRetry('disconnected');
+    if (['failed', 'closed', 'disconnected'].includes(pc.connectionState)) {
+      scheduleRetry('The connection to the server was lost.', 1);
+    }
   };
   try {
     await pc.setLocalDescription(await pc.createOffer());
     await gathered(pc);
     const headers = { 'Content-Type': 'application/json' };
     if (token) headers.Authorization = `Bearer ${token}`;
-    const res = await fetch('offer', {
+    const body = await request('offer', {
       method: 'POST', headers,
       body: JSON.stringify({ sdp: pc.localDescription.sdp, type: 'offer', view: 'obs', session: params.get('session') }),
     });
-    const body = await res.json();
-    if (!res.ok) throw new Error(body.error || res.statusText);
+    unreachable = 0;
     await pc.setRemoteDescription(body);
   } catch (err) {
-    scheduleRetry(err.message);
+    onError(err);
   }
 }
 

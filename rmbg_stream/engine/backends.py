@@ -42,10 +42,25 @@ class BiRefNetBackend:
 
 
 class ChromaBackend:
-    """Green/blue-screen keying by distance in the CbCr plane: no network, deterministic."""
+    """Green/blue-screen keying by distance in the CbCr plane: no network, deterministic.
 
-    def __init__(self, device: torch.device, key=(0, 177, 64), tolerance: float = 0.12, softness: float = 0.08):
-        self.name = "chroma"
+    It keys RGB, 4:2:0 streams too (the engine converts their planes at the chroma planes' size, clamped): a
+    camera's chroma can lie outside the RGB gamut, and then its raw Cb/Cr are far from the colour it shows.
+    Chromium's fake camera sends Y=17, U=V=6 (limited range): (0,147,0) on screen, a Cb/Cr 0.1 from the default
+    key's, but raw planes 0.5 away, so keying the planes directly left it unkeyed. The conversion costs about
+    0.8 ms a 640x480 frame on one CPU thread.
+
+    ``key=None`` learns the key (``chroma:auto``): the median Cb/Cr of the frame borders over the first
+    `learn_frames` frames the backend sees, then fixed. One backend serves every stream of an engine, so in a
+    server the first frames of the first sessions decide.
+    """
+
+    BORDER = 0.04  # of the height: the width of the strips the auto key is learned from
+
+    def __init__(self, device: torch.device, key=(0, 177, 64), tolerance: float = 0.12, softness: float = 0.08,
+                 learn_frames: int = 15):
+        self.auto = key is None
+        self.name = "chroma:auto" if self.auto else "chroma"
         self.resolution = None
         self.guided = False  # see Engine._upsample
         self.device = device
@@ -53,37 +68,53 @@ class ChromaBackend:
         # RGB -> (Cb, Cr) as a 1x1 convolution whose bias subtracts the key: one pass over the frame.
         m = torch.tensor([[-0.168736, -0.331264, 0.5], [0.5, -0.418688, -0.081312]], device=device)
         self.weight = m.view(2, 3, 1, 1)
-        self.bias = -(m @ (torch.tensor(key, dtype=torch.float32, device=device) / 255))
-        self.key = tuple(key)
+        self.key = None if self.auto else tuple(key)  # RGB 0..255; auto: the border colour learned so far
+        self.bias = None if self.auto else -(m @ (torch.tensor(key, dtype=torch.float32, device=device) / 255))
         self.tolerance = tolerance
         self.softness = softness
+        self.learn_frames = learn_frames
+        self._seen: list[torch.Tensor] = []  # auto: each frame's border medians (Cb, Cr, R, G, B)
 
     @torch.inference_mode()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x: float (B,3,h,w) RGB 0..1 -> alpha float32 (B,1,h,w) 0..1."""
+        if self.auto and len(self._seen) < self.learn_frames:
+            self._learn(x)
         d = torch.nn.functional.conv2d(x, self.weight, self.bias)
-        return self._soft(d)
-
-    @torch.inference_mode()
-    def key_chroma(self, uv: torch.Tensor, spec) -> torch.Tensor:
-        """The same key straight from 4:2:0 chroma planes (B,2,h,w) (code values / 255 in `spec`'s range):
-        YUV streams skip the round trip through RGB."""
-        _, ku, kv = spec.color(self.key)
-        scale = 1.0 if spec.full_range else 255 / 224  # chroma codes -> the full-range Cb/Cr the key uses
-        d = torch.cat([uv[:, :1] - ku / 255, uv[:, 1:] - kv / 255], 1).mul_(scale)
-        return self._soft(d)
-
-    def _soft(self, cbcr: torch.Tensor) -> torch.Tensor:
-        dist = cbcr.square_().sum(1, keepdim=True).sqrt_()
+        dist = d.square_().sum(1, keepdim=True).sqrt_()
         return dist.sub_(self.tolerance).div_(self.softness).clamp_(0, 1)
+
+    def _learn(self, x: torch.Tensor) -> None:
+        """Adds the border medians of the frames of `x` and keys the median over all frames seen so far."""
+        for frame in x[: self.learn_frames - len(self._seen)]:
+            self._seen.append(border_median(frame, self.weight.view(2, 3), self.BORDER))
+        m = torch.stack(self._seen).median(0).values
+        self.bias = -m[:2]
+        self.key = tuple(round(float(v) * 255) for v in m[2:])
+        if len(self._seen) == self.learn_frames:
+            log.info("chroma:auto: key #%02x%02x%02x, learned from the borders of %d frames", *self.key,
+                     self.learn_frames)
+
+
+def border_median(frame: torch.Tensor, cbcr: torch.Tensor, border: float) -> torch.Tensor:
+    """(Cb, Cr, R, G, B) medians over the outer strips of a (3,h,w) RGB 0..1 frame, `border` of its height wide
+    (at least a pixel); `cbcr` (2,3) is RGB -> Cb/Cr. Medians ignore a subject that reaches an edge while it
+    covers less than half of the strips."""
+    k = max(1, round(border * frame.shape[-2]))
+    strips = [frame[:, :k], frame[:, -k:], frame[:, k:-k, :k], frame[:, k:-k, -k:]]
+    px = torch.cat([s.reshape(3, -1) for s in strips], 1)
+    return torch.cat([cbcr @ px, px]).median(1).values
 
 
 def create_backend(name: str, device: torch.device, precision: str = "auto",
                    resolution: tuple[int, int] | None = None, *, patch_order: str | None = None):
-    """`name`: ``chroma`` or ``chroma:<colour>``; ``random:<backbone>`` (untrained, for benchmarks and
+    """`name`: ``chroma``, ``chroma:<colour>`` or ``chroma:auto``; ``random:<backbone>`` (untrained, for benchmarks and
     tests); otherwise a BiRefNet checkpoint: hub id, alias, snapshot folder or weights file."""
     if name == "chroma" or name.startswith("chroma:"):
         if ":" not in name:
             return ChromaBackend(device)
+        if name == "chroma:auto":
+            return ChromaBackend(device, key=None)
         key = parse_background(name.split(":", 1)[1])
         if key.kind != "color":
             raise ValueError(f"chroma key must be a colour (#rrggbb or a name), got {name!r}")

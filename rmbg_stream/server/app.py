@@ -36,7 +36,7 @@ from yarl import URL
 
 from ..engine.composite import Background, parse_background
 from ..engine.engine import Engine
-from . import metrics, webrtc, websocket
+from . import metrics, tls, webrtc, websocket
 from .sessions import ControlError, Full, SessionManager
 from .untrusted import TooDeep, loads_json
 
@@ -361,6 +361,20 @@ def listen(host: str, port: int) -> list[socket.socket]:
     return socks
 
 
+def startup_lines(host: str, port: int, token: str | None, secure: tls.TLS | None) -> str:
+    """What to open: the page and the OBS source at each address of this machine the server listens on."""
+    suffix = f"?token={token}" if token else ""
+    bases = tls.urls(host, port, secure is not None)
+    lines = [f"rmbg-stream: serving {bases[0]}/{suffix}"] + [f"             also at {b}/{suffix}" for b in bases[1:]]
+    lines.append(f"             OBS browser source (on this machine): {bases[0]}/obs{suffix}")
+    if secure is not None:
+        lines.append(f"             TLS: {secure.description}, SHA-256 fingerprint {secure.fingerprint}")
+    elif not is_loopback(host):
+        lines.append("             other machines get no camera over http:// (browsers allow it only on https:// "
+                     "or localhost): add --tls self-signed, or --tls-cert FILE --tls-key FILE")
+    return "\n".join(lines)
+
+
 def run_cli(args) -> int:
     if not is_loopback(args.host) and not args.token:
         print(f"error: refusing to serve on {args.host} without --token: anyone who can reach it could use it "
@@ -373,19 +387,20 @@ def run_cli(args) -> int:
         raise ValueError("serve takes no video background: use a colour, an image, blur or transparent")
     if background.kind == "image" and not Path(background.path).is_file():
         raise FileNotFoundError(f"background image not found: {background.path}")
+    secure = tls.load(getattr(args, "tls_cert", None), getattr(args, "tls_key", None), getattr(args, "tls", None))
     try:
         socks = listen(args.host, args.port)
     except OSError as exc:
         print(f"error: {exc.strerror}", file=sys.stderr)
         return 1
     try:
-        return serve(args, background, socks)
+        return serve(args, background, socks, secure)
     finally:
         for sock in socks:
             sock.close()
 
 
-def serve(args, background: Background, socks: list[socket.socket]) -> int:
+def serve(args, background: Background, socks: list[socket.socket], secure: tls.TLS | None) -> int:
     """Loads the model and runs the app on `socks` until interrupted."""
     from ..cli import build_backend
 
@@ -395,12 +410,10 @@ def serve(args, background: Background, socks: list[socket.socket]) -> int:
     tune_process(backend.device)
     engine = Engine(backend, max_batch=args.batch, max_wait_ms=4)
     config = Config(token=args.token, max_sessions=args.max_sessions, background=background, model=args.model)
-    host = args.host if ":" not in args.host else f"[{args.host}]"
-    url = f"http://{host}:{socks[0].getsockname()[1]}"
-    suffix = f"?token={args.token}" if args.token else ""
-    print(f"rmbg-stream: serving {url}/{suffix}  (OBS browser source: {url}/obs{suffix})", flush=True)
+    print(startup_lines(args.host, socks[0].getsockname()[1], args.token, secure), flush=True)
     try:
         web.run_app(make_app(engine, config), sock=socks, print=None, access_log_class=AccessLogger,
+                    ssl_context=secure.context if secure else None,
                     access_log=log if getattr(args, "verbose", False) else None)
     finally:
         engine.close()
