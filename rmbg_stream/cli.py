@@ -35,13 +35,27 @@ def build_backend(args):
     return create_backend(args.model, pick_device(args.device), args.precision, res, patch_order=order)
 
 
+def check_background(text: str | None) -> None:
+    """An IMAGE background is opened and decoded now, before the model loads or any output opens: a missing,
+    damaged or oversized picture (a decompression bomb) is one line here, not a traceback or a failure per frame."""
+    from .engine.composite import parse_background
+    from .media.images import load_rgb
+
+    background = parse_background(text) if text else None
+    if background is not None and background.kind == "image":
+        load_rgb(background.path, label=f"background image {background.path}")
+
+
 def cmd_image(args) -> int:
     from . import image
     from .engine.composite import parse_background
 
     background = parse_background(args.background) if args.background else None
-    backend = build_backend(args)
-    failures = image.run(backend, args.inputs, args.output, mask=args.mask, background=background)
+    check_background(args.background)
+    jobs = image.plan(args.inputs, args.output, mask=args.mask, background=background)
+    jobs, failures = image.readable(jobs)  # pixel limits and unreadable files, before the model loads
+    if jobs:
+        failures += image.run(build_backend(args), jobs, mask=args.mask, background=background)
     if failures:
         print(f"error: {failures} input(s) failed", file=sys.stderr)
     return 1 if failures else 0
@@ -50,18 +64,21 @@ def cmd_image(args) -> int:
 def cmd_transcode(args) -> int:
     from .transcode import run_cli
 
+    check_background(args.background)
     return run_cli(args)
 
 
 def cmd_serve(args) -> int:
     from .server.app import run_cli
 
+    check_background(args.background)
     return run_cli(args)
 
 
 def cmd_camera(args) -> int:
     from .camera import run_cli
 
+    check_background(args.background)
     return run_cli(args)
 
 

@@ -708,3 +708,50 @@ def test_hub_download_fetches_the_bundled_code_and_takes_its_order(original, cur
     assert (order, decided_by, files) == ("current", "code birefnet.py", ["birefnet.py", "model.safetensors"])
     got = torch.load(scratch / "out.pt")
     assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
+class _RunsAShellCommand:
+    """Unpickling this calls os.system: the shape of a malicious checkpoint."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+class _Prints:
+    def __reduce__(self):
+        return print, ("PAYLOAD RAN",)
+
+
+def _malicious(kind: str, path: Path, marker: Path) -> str:
+    """Writes a checkpoint whose pickle would run code; returns the callable the message must name."""
+    import pickle
+
+    if kind == "torch.save":  # the zip format: torch names the refused global itself
+        torch.save({"state_dict": {"w": torch.zeros(2)}, "hook": _RunsAShellCommand(marker)}, path)
+        return f"{os.system.__module__}.system"
+    if kind == "pickle protocol 2":  # a bare legacy pickle
+        path.write_bytes(pickle.dumps({"w": _RunsAShellCommand(marker)}, protocol=2))
+        return f"{os.system.__module__}.system"
+    path.write_bytes(pickle.dumps({"w": _Prints()}, protocol=pickle.DEFAULT_PROTOCOL))  # framed: torch stops early
+    return "builtins.print"
+
+
+@pytest.mark.parametrize("kind", ["torch.save", "pickle protocol 2", "default pickle"])
+def test_malicious_pickle_is_refused_as_code_and_nothing_runs(tmp_path, kind):
+    from PIL import Image
+
+    marker = tmp_path / "ran"
+    name = _malicious(kind, tmp_path / "evil.pth", marker)
+    Image.new("RGB", (33, 21), (0, 177, 64)).save(tmp_path / "in.png")
+    proc = subprocess.run([sys.executable, "-m", "rmbg_stream", "image", str(tmp_path / "in.png"), "-o",
+                           str(tmp_path / "out.png"), "--model", str(tmp_path / "evil.pth"), "--device", "cpu"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == [
+        f"error: {tmp_path / 'evil.pth'} holds pickled code that we refuse to run ({name}); a checkpoint must hold "
+        "only tensors: if you made it, re-save it with torch.save(model.state_dict(), ...) or convert it to "
+        "safetensors"
+    ]
+    assert not marker.exists() and "PAYLOAD RAN" not in proc.stdout + proc.stderr
+    assert not (tmp_path / "out.png").exists()

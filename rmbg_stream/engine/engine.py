@@ -224,9 +224,9 @@ class Stream:
         if bg.kind == "image":
             key = (bg.path, H, W)
             if self._bg_cache is None or self._bg_cache[0] != key:
-                from PIL import Image
+                from ..media.images import load_rgb  # the shared loader: pixel limit, 16-bit grey, EXIF
 
-                img = np.array(Image.open(bg.path).convert("RGB"))
+                img = load_rgb(bg.path, label=f"background image {bg.path}")
                 self._bg_cache = (key, composite.prepare_background(img, H, W, device))
             return self._bg_cache[1]
         return None

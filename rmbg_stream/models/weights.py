@@ -18,6 +18,8 @@ import logging
 import math
 import os
 import re
+import warnings
+import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -354,6 +356,45 @@ def brief(err: BaseException) -> str:
 
 # --- what the file holds -----------------------------------------------------------------------
 
+# torch names the global its weights-only unpickler refused, in wordings whose case changes between releases:
+# "Unsupported global: GLOBAL torch.nn.Linear ..." (a class), "unsupported GLOBAL posix.system whose module ...".
+REFUSED_GLOBAL = re.compile(r"unsupported global\W+(?:global\s+)?([\w.]+)", re.IGNORECASE)
+
+
+def refused_global(err: BaseException, path: Path) -> str | None:
+    """The function or class a pickle refused by torch would have called, or None when it is not that.
+
+    torch names it, except in a plain (non-zip) pickle of protocol 4+, whose framing its unpickler stops at first
+    ("Unsupported operand 149"): there the opcodes are read, never run, for the first import."""
+    text = str(err)
+    found = REFUSED_GLOBAL.search(text)
+    if found or "weights_only" not in text or zipfile.is_zipfile(path):
+        return found.group(1) if found else None
+    import pickletools
+
+    strings: list[str] = []
+    try:
+        with open(path, "rb") as f:
+            for op, arg, _ in pickletools.genops(f):
+                if op.name == "GLOBAL":
+                    return arg.replace(" ", ".")
+                if "UNICODE" in op.name:
+                    strings.append(arg)
+                if op.name == "STACK_GLOBAL":  # module and name are the two strings pushed just before
+                    return ".".join(strings[-2:])
+    except Exception:  # not a pickle after all
+        return None
+    return None
+
+
+def unpickler_reason(err: BaseException) -> str:
+    """`brief`, but for torch's weights-only refusals the line that says what was refused, never the preamble that
+    suggests weights_only=False (which would run whatever the file holds)."""
+    if "weights_only" not in str(err):
+        return brief(err)
+    lines = [line.strip() for line in str(err).splitlines() if "unsupported" in line.lower()]
+    return f"{type(err).__name__}: {lines[0][:120]}" if lines else f"{type(err).__name__}: not a plain checkpoint"
+
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """The file's tensors, unwrapped, with training-time prefixes stripped and floats as float32."""
@@ -366,18 +407,22 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
             obj = load_file(str(path), device="cpu")
         else:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():  # torch's notes on pickle protocols are not the user's business
+                warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\b")
+                obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        if "Unsupported global" in str(e):
-            # A pickled module or optimiser object: refused because unpickling it could run arbitrary code.
+        refused = refused_global(e, path)
+        if refused:
+            # A pickled function, module or optimiser: unpickling it would run code, so it is never loaded.
             raise WeightsError(
-                f"{path} pickles Python objects besides tensors, which are not loaded for safety: "
-                "re-save it with torch.save(model.state_dict(), ...) or convert it to safetensors"
+                f"{path} holds pickled code that we refuse to run ({refused}); a checkpoint must hold "
+                "only tensors: if you made it, re-save it with torch.save(model.state_dict(), ...) or convert it "
+                "to safetensors"
             ) from e
         kind = "safetensors" if suffix == ".safetensors" else "PyTorch"
         raise WeightsError(
-            f"could not read {path} as a {kind} checkpoint ({brief(e)}): the file is truncated, corrupted or "
-            "not a checkpoint; download or export it again"
+            f"could not read {path} as a {kind} checkpoint ({unpickler_reason(e)}): the file is truncated, corrupted "
+            "or not a checkpoint; download or export it again"
         ) from e
 
     sd = unwrap(obj)

@@ -27,6 +27,7 @@ from PIL import Image
 from ..engine.composite import Background, parse_background
 from ..engine.engine import Engine, Result, StreamOptions, as_rgb
 from ..engine.yuv import i420_planes, join_i420, spec_of
+from ..media.images import ImageError, ImageTooLarge, open_image, to_rgb
 from .metrics import Histogram, Meter
 from .untrusted import TooDeep, error_text, loads_json
 
@@ -109,16 +110,17 @@ def decode_upload(data: bytes, limit: int) -> Image.Image:
     if len(data) > limit:
         raise ControlError(f"image of {len(data)} bytes is over the {limit} byte upload limit")
     try:
-        img = Image.open(io.BytesIO(data))
-    except Exception:
+        img = open_image(io.BytesIO(data), "the uploaded image")
+    except ImageTooLarge as exc:
+        raise ControlError(str(exc)) from None
+    except ImageError:
         raise ControlError(f"not an image: upload {', '.join(UPLOAD_FORMATS)}") from None
     if img.format not in UPLOAD_FORMATS:
         raise ControlError(f"{img.format} images are not accepted: upload {', '.join(UPLOAD_FORMATS)}")
     if img.width * img.height > UPLOAD_MAX_PIXELS:
         raise ControlError(f"image of {img.width}x{img.height} pixels is too large (at most {UPLOAD_MAX_PIXELS})")
     try:
-        img.load()
-        img = img.convert("RGB")
+        img = Image.fromarray(to_rgb(img, "upload"))  # the shared decoder: 16-bit grey scaled, upright
     except Exception as exc:
         raise ControlError(f"the {img.format} image is damaged: {error_text(exc)}") from None
     img.thumbnail((BACKGROUND_MAX_SIDE, BACKGROUND_MAX_SIDE))
