@@ -708,6 +708,8 @@ def test_hub_download_fetches_the_bundled_code_and_takes_its_order(original, cur
     assert (order, decided_by, files) == ("current", "code birefnet.py", ["birefnet.py", "model.safetensors"])
     got = torch.load(scratch / "out.pt")
     assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
+
+
 class _RunsAShellCommand:
     """Unpickling this calls os.system: the shape of a malicious checkpoint."""
 

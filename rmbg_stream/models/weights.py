@@ -96,8 +96,8 @@ def load_birefnet(
     path, repo_id = resolve(source, cache_dir)
     spec = lookup(repo_id) if repo_id else None
     named = spec or lookup_name(path.stem) or lookup_name(path.parent.name)
+    sd = read_state_dict(path)  # first: an unreadable or refused file says so before any patch-order notice
     order, order_from = choose_order(path, patch_order, orders_in_code(path.parent), named)
-    sd = read_state_dict(path)
 
     found = infer_backbone(sd, path)
     if found is not None and spec is not None and found != spec.backbone:
