@@ -320,3 +320,36 @@ def test_options_changed_from_another_thread_never_fail_a_batch_nor_mix_in_one_f
             assert sum(match) == 1, f"{name}: frame {n} matches neither option set"
             seen[match.index(True)] += 1
         assert min(seen) > 0, f"{name}: the options never took effect ({seen})"
+
+
+def test_a_closed_stream_and_its_last_frames_are_freed_without_the_garbage_collector(engine):
+    import gc
+    import weakref
+
+    class Owner:  # a session: it holds its stream, whose callback points back at it
+        def __init__(self):
+            self.stream = engine.open_stream(live=True, on_result=self.got)
+            self.results = []
+
+        def got(self, r):
+            self.results.append(r)
+
+    owner = Owner()
+    frame, _ = green_frame(38, 54)
+    for _ in range(5):
+        owner.stream.submit(frame.copy())
+        time.sleep(0.02)
+    deadline = time.monotonic() + 10
+    while not owner.results and time.monotonic() < deadline:
+        time.sleep(0.01)
+    owner.stream.close()
+    stream, first = weakref.ref(owner.stream), weakref.ref(owner.results[0])
+    gc.disable()  # the server freezes most objects and its cyclic GC may not run for a long while
+    try:
+        del owner
+        deadline = time.monotonic() + 2
+        while stream() is not None and time.monotonic() < deadline:
+            time.sleep(0.01)  # the worker may still be finishing the last batch
+        assert stream() is None and first() is None
+    finally:
+        gc.enable()

@@ -123,8 +123,9 @@ class Stream:
         self.submitted = self.dropped = self.delivered = 0
         self.closed = self.ended = False
         self.error: BaseException | None = None
-        # The worker thread's alone (nothing else reads or clears them): the last image background prepared for
-        # each layout, keyed by what it was made from, so a stale entry just misses after an options change.
+        # The last image background prepared for each layout, keyed by what it was made from, so a stale entry just
+        # misses after an options change. Only the worker fills them, reading them once into a local; closing the
+        # stream drops them.
         self._bg_rgb: tuple[tuple, torch.Tensor] | None = None
         self._bg_yuv: tuple[tuple, tuple[torch.Tensor, torch.Tensor]] | None = None
 
@@ -205,8 +206,9 @@ class Stream:
             finished = self.ended and not self.pending and not self.processing
             if self.closed:
                 return
-        if self.on_result is not None and isinstance(result, Result):
-            self.on_result(result)
+            on_result = self.on_result
+        if on_result is not None and isinstance(result, Result):
+            on_result(result)
             if not self.live:
                 with self.engine.cond:
                     self.waiting -= 1
@@ -358,6 +360,11 @@ class Engine:
         with self.cond:
             s.closed = True
             s.pending.clear()
+            # A closed stream keeps nothing big: its owner may live on a while (a session is freed by the cyclic
+            # GC), and at 1080p the smoothing state alone is 16 MB. The callback goes too: it points back there.
+            s.on_result = None
+            s.smoother = TemporalSmoother()
+            s._bg_rgb = s._bg_yuv = None
             if s in self.streams:
                 self.streams.remove(s)
             self.cond.notify_all()
@@ -426,11 +433,8 @@ class Engine:
             return batch
 
     def _run(self) -> None:
-        while True:
-            batch = self._collect()
-            if batch is None:
-                return
-            if not batch:
+        while (batch := self._collect()) is not None:
+            if not batch:  # the streams that were ready closed while it waited for a fuller batch
                 continue
             try:
                 if self.cuda:
@@ -442,6 +446,9 @@ class Engine:
                 log.exception("engine batch failed")
                 for s, _ in batch:
                     s._deliver(exc)
+            # Not held while waiting for the next one: an idle engine keeps no frames (6 MB each at 1080p) and no
+            # closed streams alive.
+            del batch
 
     @torch.inference_mode()
     def _process(self, batch: list[tuple[Stream, _Item]]) -> None:
