@@ -11,6 +11,8 @@ no goodbye, as when a browser tab crashes).
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import os
 import signal
 import socket
@@ -150,6 +152,8 @@ class RtcClient:
         self.got: list[tuple[float, int | None]] = []
         self.reader: asyncio.Task | None = None
         self.channel = None
+        self.errors: list[str] = []  # error replies on the data channel
+        self.replies = 0  # other replies (ok, pong), pushed stats not counted
 
     async def connect(self, http: aiohttp.ClientSession, url: str, channel: bool = False) -> None:
         transceiver = self.pc.addTransceiver(self.track, direction="sendrecv")
@@ -158,6 +162,7 @@ class RtcClient:
         transceiver.setCodecPreferences(codecs)
         if channel:
             self.channel = self.pc.createDataChannel("control")
+            self.channel.on("message", self._on_message)
 
         @self.pc.on("track")
         def on_track(track):
@@ -170,6 +175,20 @@ class RtcClient:
             if r.status != 200:
                 raise RuntimeError(f"client {self.index}: offer refused: {answer}")
         await self.pc.setRemoteDescription(RTCSessionDescription(sdp=answer["sdp"], type=answer["type"]))
+
+    def _on_message(self, message) -> None:
+        reply = json.loads(message)
+        if reply.get("type") == "error":
+            self.errors.append(reply["error"])
+        elif reply.get("type") != "stats":
+            self.replies += 1
+
+    def send_control(self, text: str) -> bool:
+        """Sends a control on the data channel; False while it is not open."""
+        if self.channel is None or self.channel.readyState != "open":
+            return False
+        self.channel.send(text)
+        return True
 
     async def read(self, track) -> None:
         while True:
@@ -224,17 +243,19 @@ def jpeg_frames(width: int, height: int, count: int = 8, quality: int = 85) -> l
 
 
 class WsClient:
-    """A WebSocket client: `got` holds (arrival, latency) of each processed frame; `errors` the error replies."""
+    """A WebSocket client: `got` holds (arrival, latency) of each processed frame; `errors` the error replies (those
+    about a frame's image carry its "seq"); `ended` is when the connection ended, by either side."""
 
     def __init__(self, index: int):
         self.index = index
         self.ws: aiohttp.ClientWebSocketResponse | None = None
         self.session: str | None = None
         self.got: list[tuple[float, float]] = []
-        self.errors: list[str] = []
+        self.errors: list[dict] = []
         self.replies = 0
         self.sent = 0
         self.reader: asyncio.Task | None = None
+        self.ended: float | None = None
 
     async def connect(self, http: aiohttp.ClientSession, url: str) -> None:
         self.ws = await http.ws_connect(f"{url.replace('http', 'ws', 1)}/ws", max_msg_size=64 * 2**20)
@@ -253,9 +274,10 @@ class WsClient:
             elif msg.type == aiohttp.WSMsgType.TEXT:
                 reply = msg.json()
                 if reply.get("type") == "error":
-                    self.errors.append(reply["error"])
+                    self.errors.append(reply)
                 elif reply.get("type") != "stats":
                     self.replies += 1
+        self.ended = time.monotonic()
 
     async def send_frame(self, payload: bytes, fmt: int = JPEG) -> None:
         self.sent += 1
@@ -274,12 +296,12 @@ class WsClient:
             await asyncio.gather(self.reader, return_exceptions=True)
 
     async def kill(self) -> None:
-        """Gone without a word: the TCP connection is dropped with no WebSocket close frame."""
-        if self.ws is not None:
-            transport = self.ws._response.connection.transport if self.ws._response.connection else None
-            if transport is not None:
-                transport.abort()
+        """Gone without a word: the TCP connection is shut down with no WebSocket close frame."""
+        sock = self.ws.get_extra_info("socket") if self.ws is not None else None
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)  # what the kernel does for a process that dies
         if self.reader is not None:
+            # The reader sees the end of the stream; the socket is then released without any close handshake.
+            await asyncio.wait([self.reader], timeout=5)
             self.reader.cancel()
-            await asyncio.gather(self.reader, return_exceptions=True)
-        await self.ws.close()

@@ -208,6 +208,7 @@ def render_metrics(manager: SessionManager) -> str:
         families.append(("rmbg_gpu_memory_bytes", "gauge", "CUDA memory of this process.",
                          [({"kind": "allocated"}, torch.cuda.memory_allocated(dev)),
                           ({"kind": "reserved"}, torch.cuda.memory_reserved(dev))]))
+    families += metrics.process_families()
     hist = [("rmbg_latency_seconds", "Server latency per frame, from its arrival to its hand-off to the encoder.",
              manager.latency)]
     return metrics.render(families, hist)
