@@ -18,119 +18,16 @@ import json
 import os
 import resource
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import time
 
 import aiohttp
-import numpy as np
-from aiortc import RTCPeerConnection, RTCRtpSender, RTCSessionDescription
+from liveclients import RtcClient as Client
+from liveclients import free_port, histogram_quantile, parse_metrics, proc_stats
 
-from rmbg_stream.server.synthetic import SyntheticTrack, read_stamp
 from rmbg_stream.server.webrtc import keep_media_on_loopback
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def proc_stats(pid: int) -> tuple[float, float]:
-    """(RSS in MiB, CPU seconds) of a process, from /proc."""
-    with open(f"/proc/{pid}/status") as f:
-        rss = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return rss, cpu
-
-
-def pct(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    values = sorted(values)
-    return round(values[min(len(values) - 1, int(q * len(values)))] * 1000, 1)
-
-
-class Client:
-    def __init__(self, index: int, width: int, height: int, fps: float, codec: str):
-        self.index = index
-        self.track = SyntheticTrack(width, height, fps)
-        self.codec = codec
-        self.height = height
-        self.pc = RTCPeerConnection()
-        self.got: list[tuple[float, int | None]] = []  # (arrival, stamp) of every frame that came back
-        self.reader: asyncio.Task | None = None
-
-    async def connect(self, http: aiohttp.ClientSession, url: str) -> None:
-        transceiver = self.pc.addTransceiver(self.track, direction="sendrecv")
-        codecs = [c for c in RTCRtpSender.getCapabilities("video").codecs
-                  if c.mimeType.lower() in (f"video/{self.codec}", "video/rtx")]
-        transceiver.setCodecPreferences(codecs)
-
-        @self.pc.on("track")
-        def on_track(track):
-            self.reader = asyncio.ensure_future(self.read(track))
-
-        await self.pc.setLocalDescription(await self.pc.createOffer())
-        desc = self.pc.localDescription
-        async with http.post(f"{url}/offer", json={"sdp": desc.sdp, "type": desc.type}) as r:
-            answer = await r.json()
-            if r.status != 200:
-                raise RuntimeError(f"client {self.index}: offer refused: {answer}")
-        await self.pc.setRemoteDescription(RTCSessionDescription(sdp=answer["sdp"], type=answer["type"]))
-
-    async def read(self, track) -> None:
-        while True:
-            try:
-                frame = await track.recv()
-            except Exception:
-                return
-            now = time.monotonic()
-            # The luma plane in place: copying whole frames here would tax the cores the server runs on.
-            plane = frame.planes[0]
-            luma = np.frombuffer(plane, np.uint8).reshape(-1, plane.line_size)[: frame.height, : frame.width]
-            self.got.append((now, read_stamp(luma)))
-
-    def report(self, start: float, end: float) -> dict:
-        sent = self.track.sent
-        window = [(t, n) for t, n in self.got if start <= t < end]
-        latencies = [t - sent[n] for t, n in window if n is not None and n in sent and sent[n] <= t]
-        # Frames sent in the window (less a margin for those still in flight) that never came back.
-        sent_in = {n for n, t in sent.items() if start <= t < end - 0.5}
-        back = {n for _, n in self.got if n is not None}
-        return {"fps": round(len(window) / (end - start), 1), "latency_ms_p50": pct(latencies, 0.5),
-                "latency_ms_p95": pct(latencies, 0.95), "latency_ms_max": pct(latencies, 1.0),
-                "sent": len(sent_in), "received": len(window), "dropped": len(sent_in - back),
-                "unreadable": sum(1 for _, n in window if n is None)}
-
-    async def close(self) -> None:
-        await self.pc.close()
-        if self.reader is not None:
-            self.reader.cancel()
-
-
-def parse_metrics(text: str) -> dict:
-    out = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, value = line.rsplit(" ", 1)
-            out[name] = float(value)
-    return out
-
-
-def histogram_quantile(m: dict, name: str, q: float) -> float | None:
-    """Upper bound (ms) of the bucket holding the q-quantile, as Prometheus' histogram_quantile would bound it."""
-    total = m.get(f"{name}_count", 0)
-    buckets = sorted((float(k.split('le="')[1].rstrip('"}')), v) for k, v in m.items()
-                     if k.startswith(f"{name}_bucket") and "+Inf" not in k)
-    for le, count in buckets:
-        if total and count >= q * total:
-            return round(le * 1000, 1)
-    return None
 
 
 async def run(args) -> dict:

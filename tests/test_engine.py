@@ -238,3 +238,118 @@ def test_cuda_path_equals_cpu_path():
     for a, b in zip(out["cpu"], out["cuda"]):
         assert np.abs(a.alpha.astype(int) - b.alpha).max() <= 1
         assert np.abs(a.image.astype(int) - b.image).max() <= 1
+
+
+def _hammered_outputs(tmp_path, seconds: float) -> tuple[dict, dict, dict, list]:
+    """Three file streams (two RGB, one I420) whose options another thread flips between two sets as fast as it
+    can while frames flow. Returns per stream: its option sets, the reference output of each set (from a stream
+    left alone) and every output under the hammer, plus whatever the streams delivered that was not a Result."""
+    import sys
+
+    import cv2
+    from PIL import Image
+
+    for name, rgb in (("red", (255, 0, 0)), ("blue", (0, 0, 255))):
+        Image.new("RGB", (20, 14), rgb).save(tmp_path / f"{name}.png")
+    red, blue = (parse_background(str(tmp_path / f"{n}.png")) for n in ("red", "blue"))
+    plain = StreamOptions(background=parse_background("#ff0000"), smoothing=0.0)
+    sets = {  # stream 1 and 2 share `plain`, so their frames are composited together while both are on it
+        "rgb1": (plain, StreamOptions(background=blue, smoothing=0.9)),
+        "rgb2": (plain, StreamOptions(background=parse_background("#ffff00"), smoothing=0.5, mask_view=True)),
+        "yuv": (StreamOptions(background=red, smoothing=0.0),
+                StreamOptions(background=blue, smoothing=0.7, mask_view=False, alpha=True)),
+    }
+    rgb, _ = green_frame(37, 53, box=(9, 30, 11, 40))  # odd and not multiples of 4, not square
+    yuv = cv2.cvtColor(green_frame(30, 46, box=(8, 22, 10, 34))[0], cv2.COLOR_RGB2YUV_I420)  # 2 mod 4
+    frames = {"rgb1": rgb, "rgb2": rgb, "yuv": yuv}
+    fmt = {"rgb1": "rgb24", "rgb2": "rgb24", "yuv": "yuv420p"}
+    with Engine(ChromaBackend(CPU), max_batch=4, max_wait_ms=1) as engine:
+        refs = {}
+        for name, pair in sets.items():
+            for opts in pair:
+                s = engine.open_stream(live=False, options=opts, pixel_format=fmt[name])
+                for _ in range(3):  # past the first frame, which has no smoothing history
+                    s.submit(frames[name])
+                refs.setdefault(name, []).append([s.get(timeout=10).image for _ in range(3)][-1])
+                s.close()
+        outputs = {name: [] for name in sets}
+        streams = {name: engine.open_stream(live=False, options=sets[name][0], pixel_format=fmt[name],
+                                            on_result=lambda r, n=name: outputs[n].append(r.image))
+                   for name in sets}
+        stop = threading.Event()
+
+        def hammer():
+            k = 0
+            while not stop.is_set():
+                k += 1
+                for name, s in streams.items():
+                    s.set_options(**vars(sets[name][k % 2]))
+
+        def produce(name):
+            deadline = time.monotonic() + seconds
+            while time.monotonic() < deadline:
+                streams[name].submit(frames[name], timeout=10)
+            streams[name].end()
+
+        switch = sys.getswitchinterval()
+        sys.setswitchinterval(1e-6)  # thread switches land anywhere, as in the server (which sets 1e-4)
+        try:
+            threads = [threading.Thread(target=hammer)] + [threading.Thread(target=produce, args=(n,)) for n in sets]
+            for t in threads:
+                t.start()
+            for t in threads[1:]:
+                t.join(seconds + 30)
+            stop.set()
+            threads[0].join(10)
+        finally:
+            sys.setswitchinterval(switch)
+        failures = [streams[name].get(timeout=30) for name in sets]  # None once all are out; a failure raises
+    return sets, refs, outputs, failures
+
+
+def test_options_changed_from_another_thread_never_fail_a_batch_nor_mix_in_one_frame(tmp_path):
+    sets, refs, outputs, ends = _hammered_outputs(tmp_path, seconds=3.0)
+    assert ends == [None, None, None]  # every stream ended cleanly: no batch failed
+    for name, images in outputs.items():
+        assert len(images) > 50, f"{name}: only {len(images)} frames came through"
+        a, b = refs[name]
+        assert not np.array_equal(a, b)
+        seen = [0, 0]
+        for n, img in enumerate(images):
+            match = [np.array_equal(img, a), np.array_equal(img, b)]
+            assert sum(match) == 1, f"{name}: frame {n} matches neither option set"
+            seen[match.index(True)] += 1
+        assert min(seen) > 0, f"{name}: the options never took effect ({seen})"
+
+
+def test_a_closed_stream_and_its_last_frames_are_freed_without_the_garbage_collector(engine):
+    import gc
+    import weakref
+
+    class Owner:  # a session: it holds its stream, whose callback points back at it
+        def __init__(self):
+            self.stream = engine.open_stream(live=True, on_result=self.got)
+            self.results = []
+
+        def got(self, r):
+            self.results.append(r)
+
+    owner = Owner()
+    frame, _ = green_frame(38, 54)
+    for _ in range(5):
+        owner.stream.submit(frame.copy())
+        time.sleep(0.02)
+    deadline = time.monotonic() + 10
+    while not owner.results and time.monotonic() < deadline:
+        time.sleep(0.01)
+    owner.stream.close()
+    stream, first = weakref.ref(owner.stream), weakref.ref(owner.results[0])
+    gc.disable()  # the server freezes most objects and its cyclic GC may not run for a long while
+    try:
+        del owner
+        deadline = time.monotonic() + 2
+        while stream() is not None and time.monotonic() < deadline:
+            time.sleep(0.01)  # the worker may still be finishing the last batch
+        assert stream() is None and first() is None
+    finally:
+        gc.enable()

@@ -33,8 +33,10 @@ from .yuv import YUVSpec, i420_planes, pack_i420, rgb_to_yuv, spec_of, to_planes
 log = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(frozen=True)
 class StreamOptions:
+    """Frozen: `Stream.set_options` swaps in a new one, so a reference taken under the lock is a snapshot."""
+
     background: composite.Background = field(default_factory=lambda: composite.parse_background("transparent"))
     smoothing: float = 0.5
     image: bool = True  # return the composited frame
@@ -71,6 +73,9 @@ class _Item:
     spec: YUVSpec | None = None  # 4:2:0 streams: the frame's matrix and range
     background: np.ndarray | None = None  # this frame's video-background frame, if any
     background_dev: torch.Tensor | None = None
+    # The stream's options when the worker collected the frame (under the lock): everything downstream (grouping,
+    # smoothing, the render and the background it loads) reads only this, so a frame never mixes two settings.
+    options: StreamOptions | None = None
 
 
 def as_rgb(frame) -> np.ndarray:
@@ -118,7 +123,11 @@ class Stream:
         self.submitted = self.dropped = self.delivered = 0
         self.closed = self.ended = False
         self.error: BaseException | None = None
-        self._bg_cache: tuple[Any, torch.Tensor] | None = None
+        # The last image background prepared for each layout, keyed by what it was made from, so a stale entry just
+        # misses after an options change. Only the worker fills them, reading them once into a local; closing the
+        # stream drops them.
+        self._bg_rgb: tuple[tuple, torch.Tensor] | None = None
+        self._bg_yuv: tuple[tuple, tuple[torch.Tensor, torch.Tensor]] | None = None
 
     # -- producer side
     def submit(self, frame, pts=None, meta=None, timeout: float | None = None, spec: YUVSpec | None = None) -> bool:
@@ -159,9 +168,9 @@ class Stream:
             self.engine.cond.notify_all()
 
     def set_options(self, **changes) -> None:
+        """Frames collected from now on use the new options; frames already in a batch keep theirs."""
         with self.engine.cond:
             self.options = replace(self.options, **changes)
-            self._bg_cache = None
 
     # -- consumer side
     def get(self, timeout: float | None = None) -> Result | None:
@@ -197,8 +206,9 @@ class Stream:
             finished = self.ended and not self.pending and not self.processing
             if self.closed:
                 return
-        if self.on_result is not None and isinstance(result, Result):
-            self.on_result(result)
+            on_result = self.on_result
+        if on_result is not None and isinstance(result, Result):
+            on_result(result)
             if not self.live:
                 with self.engine.cond:
                     self.waiting -= 1
@@ -217,24 +227,27 @@ class Stream:
             self.results.put(_END)
 
     def _background(self, H: int, W: int, device, item: _Item) -> torch.Tensor | None:
-        """The image or video background as RGB (1,3,H,W), or None."""
-        bg = self.options.background
+        """The item's image or video background as RGB (1,3,H,W), or None."""
+        bg = item.options.background
         if bg.kind == "video" and item.background is not None:
             return composite.fit_background(item.background_dev, H, W)
         if bg.kind == "image":
             key = (bg.path, H, W)
-            if self._bg_cache is None or self._bg_cache[0] != key:
+            cached = self._bg_rgb
+            if cached is None or cached[0] != key:
                 from ..media.images import load_rgb  # the shared loader: pixel limit, 16-bit grey, EXIF
 
                 img = load_rgb(bg.path, label=f"background image {bg.path}")
-                self._bg_cache = (key, composite.prepare_background(img, H, W, device))
-            return self._bg_cache[1]
+                cached = self._bg_rgb = (key, composite.prepare_background(img, H, W, device))
+            return cached[1]
         return None
 
-    def _fill(self, planes: list[tuple[torch.Tensor, torch.Tensor]], colours: list, backgrounds: list) -> list:
-        """The background step for each (planes, alpha at their size) pair: RGB is one pair, 4:2:0 two (luma,
-        chroma). `colours` and `backgrounds` give each pair its background colour values (0..255) and image."""
-        o = self.options
+    @staticmethod
+    def _fill(o: StreamOptions, planes: list[tuple[torch.Tensor, torch.Tensor]], colours: list,
+              backgrounds: list) -> list:
+        """The background step of options `o` for each (planes, alpha at their size) pair: RGB is one pair, 4:2:0
+        two (luma, chroma). `colours` and `backgrounds` give each pair its background colour values (0..255) and
+        image."""
         kind = o.background.kind
         out = []
         for (x, alpha), colour, bg in zip(planes, colours, backgrounds):
@@ -253,8 +266,8 @@ class Stream:
 
     def _render(self, frame: torch.Tensor, alpha: torch.Tensor, item: _Item) -> tuple[str, dict[str, torch.Tensor]]:
         """Frames (B,3,H,W) of streams with this stream's options (B > 1 only without image/video backgrounds)
-        -> (format, {"image": (B,H,W,C) uint8, "alpha": (B,H,W) uint8})."""
-        o = self.options
+        -> (format, {"image": (B,H,W,C) uint8, "alpha": (B,H,W) uint8}), with `item`'s options."""
+        o = item.options
         kind = o.background.kind
         out = {}
         fmt = "rgb24"
@@ -263,7 +276,7 @@ class Stream:
                 img = alpha.expand(-1, 3, -1, -1)
             else:
                 bg = self._background(*frame.shape[-2:], frame.device, item) if kind in ("image", "video") else None
-                (img,) = self._fill([(frame, alpha)], [o.background.color], [bg])
+                (img,) = self._fill(o, [(frame, alpha)], [o.background.color], [bg])
                 if kind == "transparent":
                     img, fmt = composite.to_rgba(img, alpha), "rgba"
             out["image"] = composite.to_uint8(img).permute(0, 2, 3, 1).contiguous()
@@ -275,7 +288,7 @@ class Stream:
                     item: _Item) -> tuple[str, dict[str, torch.Tensor]]:
         """The same as `_render` on 4:2:0 planes: luma with the full alpha, chroma with the half-size one; the
         image is (B,3H/2,W) I420."""
-        o = self.options
+        o = item.options
         out = {}
         fmt = "yuv420p"
         spec = item.spec
@@ -287,7 +300,7 @@ class Stream:
             else:
                 c = spec.color(o.background.color) if kind == "color" else (None,) * 3
                 bg = self._background_yuv(*y.shape[-2:], y.device, item) if kind in ("image", "video") else None
-                y_out, uv_out = self._fill([(y, alpha), (uv, alpha_half)], [c[:1], c[1:]], bg or [None, None])
+                y_out, uv_out = self._fill(o, [(y, alpha), (uv, alpha_half)], [c[:1], c[1:]], bg or [None, None])
                 fmt = "yuva420p" if kind == "transparent" else fmt
             out["image"] = pack_i420(y_out, uv_out)
         if o.alpha or (o.image and kind == "transparent" and not o.mask_view):
@@ -295,13 +308,13 @@ class Stream:
         return fmt, out
 
     def _background_yuv(self, H: int, W: int, device, item: _Item) -> tuple[torch.Tensor, torch.Tensor] | None:
-        bg = self.options.background
+        bg = item.options.background
         if bg.kind == "image":
             key = (bg.path, H, W, item.spec)
-            if self._bg_cache is None or self._bg_cache[0] != key:
-                rgb = self._background(H, W, device, item)
-                self._bg_cache = (key, rgb_to_yuv(rgb, item.spec))
-            return self._bg_cache[1]
+            cached = self._bg_yuv
+            if cached is None or cached[0] != key:
+                cached = self._bg_yuv = (key, rgb_to_yuv(self._background(H, W, device, item), item.spec))
+            return cached[1]
         rgb = self._background(H, W, device, item)
         return None if rgb is None else rgb_to_yuv(rgb, item.spec)
 
@@ -347,6 +360,11 @@ class Engine:
         with self.cond:
             s.closed = True
             s.pending.clear()
+            # A closed stream keeps nothing big: its owner may live on a while (a session is freed by the cyclic
+            # GC), and at 1080p the smoothing state alone is 16 MB. The callback goes too: it points back there.
+            s.on_result = None
+            s.smoother = TemporalSmoother()
+            s._bg_rgb = s._bg_yuv = None
             if s in self.streams:
                 self.streams.remove(s)
             self.cond.notify_all()
@@ -408,17 +426,15 @@ class Engine:
                     else:
                         item = s.pending.popleft()
                     s.processing += 1
+                    item.options = s.options
                     batch.append((s, item))
                     progress = True
             self.cond.notify_all()  # producers blocked on back-pressure may go on
             return batch
 
     def _run(self) -> None:
-        while True:
-            batch = self._collect()
-            if batch is None:
-                return
-            if not batch:
+        while (batch := self._collect()) is not None:
+            if not batch:  # the streams that were ready closed while it waited for a fuller batch
                 continue
             try:
                 if self.cuda:
@@ -430,6 +446,9 @@ class Engine:
                 log.exception("engine batch failed")
                 for s, _ in batch:
                     s._deliver(exc)
+            # Not held while waiting for the next one: an idle engine keeps no frames (6 MB each at 1080p) and no
+            # closed streams alive.
+            del batch
 
     @torch.inference_mode()
     def _process(self, batch: list[tuple[Stream, _Item]]) -> None:
@@ -476,8 +495,8 @@ class Engine:
                 w[3] = self.backend(w[2])
         outputs: list = [None] * len(batch)
         for idx, planes, small, a in work:
-            streams = [batch[k][0] for k in idx]
-            a = smooth_streams([s.smoother for s in streams], a, small, [s.options.smoothing for s in streams])
+            smoothing = [batch[k][1].options.smoothing for k in idx]
+            a = smooth_streams([batch[k][0].smoother for k in idx], a, small, smoothing)
             a_full = self._upsample(a, planes[0])
             a_half = None
             if len(planes) == 2:
@@ -486,7 +505,7 @@ class Engine:
             # stream (their own file or frame), so those render one by one.
             renders: dict = {}
             for j, k in enumerate(idx):
-                o = batch[k][0].options
+                o = batch[k][1].options
                 key = (o.background, o.image, o.alpha, o.mask_view, o.decontaminate)
                 renders.setdefault(key if o.background.kind not in ("image", "video") else j, []).append(j)
             for rows in renders.values():

@@ -36,7 +36,7 @@ from yarl import URL
 
 from ..engine.composite import Background, parse_background
 from ..engine.engine import Engine
-from . import metrics, tls, webrtc, websocket
+from . import memory, metrics, tls, webrtc, websocket
 from .sessions import ControlError, Full, SessionManager
 from .untrusted import TooDeep, loads_json
 
@@ -265,6 +265,7 @@ def render_metrics(manager: SessionManager) -> str:
         families.append(("rmbg_gpu_memory_bytes", "gauge", "CUDA memory of this process.",
                          [({"kind": "allocated"}, torch.cuda.memory_allocated(dev)),
                           ({"kind": "reserved"}, torch.cuda.memory_reserved(dev))]))
+    families += metrics.process_families()
     hist = [("rmbg_latency_seconds", "Server latency per frame, from its arrival to its hand-off to the encoder.",
              manager.latency)]
     return metrics.render(families, hist)
@@ -326,6 +327,7 @@ def tune_process(device) -> None:
     # objects of torch and the model: a third of the server's CPU. Those are here for good; the GC can skip them.
     gc.collect()
     gc.freeze()
+    memory.tune()  # before the engine's and the executor's threads start: see memory.py
     # The engine thread needs the GIL between its many small torch ops while the event loop runs aiortc's
     # pure-Python RTP path; at the default 5 ms switch interval the engine spends much of each batch waiting.
     # 0.1 ms: 4 sessions at 640x480 went from 18 to 23 fps each on two cores against 0.5 ms.

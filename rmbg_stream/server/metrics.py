@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
 import time
 from collections import deque
 
@@ -53,6 +55,24 @@ class Histogram:
             return None
         values = sorted(self.recent)
         return values[min(len(values) - 1, int(q * len(values)))]
+
+
+def _count(path: str) -> int:
+    try:
+        return len(os.listdir(path))
+    except OSError:  # not Linux
+        return -1
+
+
+def process_families() -> list[tuple[str, str, str, list[tuple[dict, float]]]]:
+    """This process's open file descriptors, asyncio tasks and threads (-1 where /proc is missing), so a soak can
+    tell whether clients that came and went left any behind. Call it on the event loop."""
+    return [
+        ("rmbg_process_open_fds", "gauge", "Open file descriptors.", [({}, _count("/proc/self/fd"))]),
+        ("rmbg_process_asyncio_tasks", "gauge", "Asyncio tasks not yet done (this request's own included).",
+         [({}, len(asyncio.all_tasks()))]),
+        ("rmbg_process_threads", "gauge", "OS threads.", [({}, _count("/proc/self/task"))]),
+    ]
 
 
 def _fmt(v: float) -> str:

@@ -28,6 +28,7 @@ from ..engine.composite import Background, parse_background
 from ..engine.engine import Engine, Result, StreamOptions, as_rgb
 from ..engine.yuv import i420_planes, join_i420, spec_of
 from ..media.images import ImageError, ImageTooLarge, open_image, to_rgb
+from . import memory
 from .metrics import Histogram, Meter
 from .untrusted import TooDeep, error_text, loads_json
 
@@ -78,6 +79,7 @@ class Latest:
 
     def close(self) -> None:
         self.closed = True
+        self.value = None  # `get` only raises Closed from now on: a last 1080p result need not stay alive
         self._wake()
 
     def _wake(self) -> None:
@@ -379,6 +381,9 @@ class Session:
             self.manager.discard_upload(self.upload)
         await asyncio.gather(*tasks, return_exceptions=True)
         log.info("session %s (%s) closed", self.id, self.kind)
+        # What the session's frames used is free now, but stays with the allocator unless handed back (memory.py).
+        with contextlib.suppress(RuntimeError):  # the executor is gone: the server is shutting down
+            await self.loop.run_in_executor(None, memory.trim)
 
 
 class SessionManager:
