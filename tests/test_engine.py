@@ -97,6 +97,23 @@ def test_live_stream_drops_old_frames_under_overload():
         s.close()
 
 
+def test_live_results_nobody_reads_are_counted_once_as_dropped(engine):
+    """A live consumer that falls behind loses its oldest results; each such frame counts as dropped, not also as
+    delivered (delivered + dropped == submitted, whatever the timing)."""
+    s = engine.open_stream(live=True, max_in_flight=2, options=StreamOptions(smoothing=0))
+    frame, _ = green_frame()
+    for i in range(12):
+        s.submit(frame, pts=i)
+        deadline = time.time() + 10
+        while s.delivered + s.dropped < i + 1 and time.time() < deadline:
+            time.sleep(0.002)
+    stats = s.stats()
+    assert stats["submitted"] == 12 and stats["delivered"] + stats["dropped"] == 12, stats
+    assert s.results.qsize() == stats["delivered"] == 2
+    assert [s.get(timeout=5).pts for _ in range(2)] == [10, 11]
+    s.close()
+
+
 def test_several_streams_share_batches(engine):
     colours = {"#ff0000": (255, 0, 0), "#00ffff": (0, 255, 255), "white": (255, 255, 255)}
     sizes = [(48, 64), (40, 40), (30, 50)]

@@ -204,6 +204,7 @@ class Stream:
             if isinstance(result, Result):
                 self.delivered += 1
             finished = self.ended and not self.pending and not self.processing
+            self.engine.cond.notify_all()  # a live stream may be ready again now that `processing` went down
             if self.closed:
                 return
             on_result = self.on_result
@@ -219,9 +220,11 @@ class Stream:
                 while self.results.qsize() >= self.max_in_flight:
                     try:
                         self.results.get_nowait()
-                        self.dropped += 1
                     except queue.Empty:
                         break
+                    with self.engine.cond:  # it was counted as delivered: each frame is counted once
+                        self.delivered -= 1
+                        self.dropped += 1
             self.results.put(result)
         if finished:
             self.results.put(_END)
