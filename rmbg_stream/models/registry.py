@@ -20,6 +20,8 @@ class ModelSpec:
     gated: bool
     licence: str
     description: str
+    # Trained on many sizes and aspect ratios (multiples of 32): frames keep their aspect at the network.
+    dynamic: bool = False
 
     @property
     def url(self) -> str:
@@ -27,10 +29,11 @@ class ModelSpec:
 
 
 def _spec(
-    repo_id: str, backbone: str, side: int | tuple[int, int], description: str, gated: bool = False, licence: str = MIT
+    repo_id: str, backbone: str, side: int | tuple[int, int], description: str, gated: bool = False, licence: str = MIT,
+    dynamic: bool = False,
 ) -> ModelSpec:
     resolution = (side, side) if isinstance(side, int) else side
-    return ModelSpec(repo_id, backbone, resolution, gated, licence, description)
+    return ModelSpec(repo_id, backbone, resolution, gated, licence, description, dynamic)
 
 
 MODELS: dict[str, ModelSpec] = {
@@ -51,7 +54,8 @@ MODELS: dict[str, ModelSpec] = {
         _spec("ZhengPeng7/BiRefNet_HR-matting", "swin_v1_l", 2048, "BiRefNet matting trained at 2048x2048"),
         _spec("ZhengPeng7/BiRefNet-matting", "swin_v1_l", 1024, "BiRefNet trimap-free matting (soft alpha)"),
         _spec("ZhengPeng7/BiRefNet-portrait", "swin_v1_l", 1024, "BiRefNet tuned for people (P3M-10k and humans)"),
-        _spec("ZhengPeng7/BiRefNet_dynamic", "swin_v1_l", 1024, "BiRefNet trained on sizes from 256 to 2304"),
+        _spec("ZhengPeng7/BiRefNet_dynamic", "swin_v1_l", 1024, "BiRefNet trained on sizes from 256 to 2304",
+              dynamic=True),
         _spec("ZhengPeng7/BiRefNet_512x512", "swin_v1_l", 512, "BiRefNet general trained at 512x512"),
     )
 }
