@@ -150,3 +150,25 @@ def test_swin_l_window_padding_on_a_non_square_input():
         alone = model(x[1:])[-1]
     assert both.shape == (2, 1, 96, 160) and torch.isfinite(both).all()
     torch.testing.assert_close(both[1:], alone, atol=2e-3, rtol=0)
+
+
+def legacy_patches(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """The reference's get_patches_batch (code bundled with RMBG-2.0): split into columns w wide, each into
+    tiles h high, and stack the tiles on channels, column by column."""
+    out = []
+    for img in x:
+        tiles = [t for col in torch.split(img, w, dim=-1) for t in torch.split(col, h, dim=-2)]
+        out.append(torch.cat(tiles, 0))
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("H, W", [(576, 1024), (1024, 576), (96, 160)])
+def test_decoder_tiles_of_a_non_square_input_equal_the_reference_split(H, W):
+    """At every decoder level the tiles are (H/g) x (W/g), not square for a 16:9 input; the split must still be
+    exact and in the reference's order."""
+    from rmbg_stream.models.birefnet import image_patches
+
+    x = torch.randn(2, 3, H, W)
+    for g in (32, 16, 8, 4):
+        h, w = H // g, W // g
+        torch.testing.assert_close(image_patches(x, h, w), legacy_patches(x, h, w), atol=0, rtol=0)
