@@ -23,12 +23,16 @@ from __future__ import annotations
 import contextlib
 import copy
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 import torchvision.ops  # noqa: F401  (registers torch.ops.torchvision)
+from PIL import Image
 from torch.overrides import TorchFunctionMode
 
+from rmbg_stream.cli import main
+from rmbg_stream.device import cpu_has_native_bf16
 from rmbg_stream.models import BiRefNet
 from tests.conformance import BACKBONE, synthetic_state_dict
 
@@ -200,3 +204,14 @@ def test_this_machines_cpu_features_are_read():
 
     found = cpu_features()
     assert found and all(f == f.lower() for f in found)
+
+
+@pytest.mark.skipif(not cpu_has_native_bf16(), reason="this CPU lacks native bf16")
+def test_image_command_runs_in_bf16_on_the_cpu_at_a_non_square_size(tmp_path):
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (50, 70, 3), dtype=np.uint8)).save(tmp_path / "in.png")
+    args = ["image", str(tmp_path / "in.png"), "-o", str(tmp_path / "m.png"), "--mask", "--model", "random:swin_v1_t",
+            "--device", "cpu", "--precision", "bf16", "--resolution", "96x64"]
+    assert main(args) == 0
+    mask = np.asarray(Image.open(tmp_path / "m.png"))
+    assert mask.shape == (50, 70) and mask.std() > 0
