@@ -62,7 +62,10 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=10)
     args = ap.parse_args()
 
-    sizes = [parse_resolution(r) for r in args.resolution] if args.resolution else [parse_resolution(args.size)]
+    try:
+        sizes = [parse_resolution(r) for r in args.resolution or [args.size]]
+    except ValueError as exc:
+        ap.error(str(exc))
     device = pick_device(args.device)
     dtype = pick_dtype(args.precision, device)
     backend = BiRefNetBackend(BiRefNet(args.backbone), sizes[0], device, dtype)
