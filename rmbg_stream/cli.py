@@ -16,20 +16,37 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                         "frame borders) (default: %(default)s)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
-                   help="network precision; half precision needs CUDA (default: fp16 on CUDA, fp32 on CPU)")
-    p.add_argument("--resolution", type=int, default=None, metavar="N",
-                   help="square network input size, a multiple of 32 (default: the model's own)")
+                   help="network precision (default: fp16 on CUDA, fp32 on CPU); fp16 needs CUDA; bf16 also runs "
+                        "on CPUs with native bf16 (AVX512-BF16, AMX, Arm BF16), where it is about 1.2x faster than "
+                        "fp32 (Swin-T, AVX512-BF16), at a small cost in accuracy")
+    p.add_argument("--resolution", default=None, metavar="N|WxH",
+                   help="network input size, multiples of 32: N for N x N, or WxH such as 1024x576 to keep a 16:9 "
+                        "frame's aspect (default: the model's own; BiRefNet_dynamic keeps each frame's aspect)")
     p.add_argument("--patch-order", default=None, choices=["legacy", "current"],
                    help="patch order the checkpoint was trained with: legacy (RMBG-2.0, BiRefNet before 2024-11) or "
                         "current (newer BiRefNet code) (default: from the code bundled with the checkpoint, else "
                         "the model table, else legacy)")
 
 
+def parse_resolution(value: str | int | None) -> tuple[int, int] | None:
+    """`--resolution` ("1024", 1024 or "1024x576", W x H) -> (h, w), or None; ValueError in one line."""
+    if value is None:
+        return None
+    text = str(value).strip().lower()
+    try:
+        w, h = (int(v) for v in text.split("x")) if "x" in text else (int(text),) * 2
+    except ValueError:
+        raise ValueError(f"--resolution must be N or WxH (e.g. 1024 or 1024x576), got {value!r}") from None
+    if w <= 0 or h <= 0 or w % 32 or h % 32:
+        raise ValueError(f"--resolution sides must be positive multiples of 32, got {w}x{h}")
+    return h, w
+
+
 def build_backend(args):
     from .device import pick_device
     from .engine.backends import create_backend
 
-    res = (args.resolution, args.resolution) if args.resolution else None
+    res = parse_resolution(args.resolution)
     # Scripts (bench_transcode) and tests build their own Namespace without this newer option.
     order = getattr(args, "patch_order", None)
     return create_backend(args.model, pick_device(args.device), args.precision, res, patch_order=order)

@@ -508,6 +508,9 @@ class SlowBackend:
         self.inner = create_backend("chroma", torch.device("cpu"))
         self.device, self.resolution, self.name = self.inner.device, None, "slow"
 
+    def input_size(self, h, w):
+        return None
+
     def __call__(self, x):
         time.sleep(0.1)
         return self.inner(x)

@@ -1,19 +1,23 @@
 """Matting backends: a batch of RGB frames at the backend's resolution in, alpha out.
 
-Contract: ``backend(x)`` takes float (B,3,h,w) in 0..1 on ``backend.device`` and returns float32
-(B,1,h,w) in 0..1. ``resolution`` is the (h, w) the frames must be resized to, or None when the
-backend works at any size (chroma key).
+Contract (``Backend``): ``backend(x)`` takes float (B,3,h,w) in 0..1 on ``backend.device`` and returns
+float32 (B,1,h,w) in 0..1. ``input_size(H, W)`` is the (h, w) an H x W frame must be resized to, or None
+when the backend works at any size (chroma key); ``resolution`` is the nominal (h, w), or None likewise.
+A fixed-size model maps every frame to ``resolution``; a dynamic one (``BiRefNet_dynamic``) keeps the
+frame's aspect, at ``resolution``'s long side rounded to multiples of 32 (1920x1080 -> 1024x576).
 """
 
 from __future__ import annotations
 
 import logging
+from typing import Protocol
 
 import torch
 
 from ..device import pick_dtype
 from ..models import BiRefNet
 from .composite import parse_background
+from .preprocess import check_size, fit_aspect
 
 log = logging.getLogger(__name__)
 
@@ -21,19 +25,35 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+class Backend(Protocol):
+    name: str
+    device: torch.device
+    dtype: torch.dtype
+    resolution: tuple[int, int] | None
+
+    def input_size(self, h: int, w: int) -> tuple[int, int] | None: ...
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor: ...
+
+
 class BiRefNetBackend:
+    """`resolution` (h, w), multiples of 32; `aspect`: the model takes any such size (see the module docstring)."""
+
     def __init__(self, model: BiRefNet, resolution: tuple[int, int], device: torch.device, dtype: torch.dtype,
-                 name: str = "birefnet"):
-        if resolution[0] % 32 or resolution[1] % 32:
-            raise ValueError(f"model resolution must be a multiple of 32, got {resolution[0]}x{resolution[1]}")
+                 name: str = "birefnet", aspect: bool = False):
+        check_size(resolution)
         torch.set_float32_matmul_precision("high")
         self.name = name
         self.resolution = tuple(resolution)
+        self.aspect = aspect
         self.device = device
         self.dtype = dtype
         self.model = model.eval().to(device=device, dtype=dtype)
         self.mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
         self.std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+
+    def input_size(self, h: int, w: int) -> tuple[int, int]:
+        return fit_aspect(h, w, max(self.resolution)) if self.aspect else self.resolution
 
     @torch.inference_mode()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -75,6 +95,9 @@ class ChromaBackend:
         self.learn_frames = learn_frames
         self._seen: list[torch.Tensor] = []  # auto: each frame's border medians (Cb, Cr, R, G, B)
 
+    def input_size(self, h: int, w: int) -> None:
+        return None
+
     @torch.inference_mode()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x: float (B,3,h,w) RGB 0..1 -> alpha float32 (B,1,h,w) 0..1."""
@@ -107,9 +130,13 @@ def border_median(frame: torch.Tensor, cbcr: torch.Tensor, border: float) -> tor
 
 
 def create_backend(name: str, device: torch.device, precision: str = "auto",
-                   resolution: tuple[int, int] | None = None, *, patch_order: str | None = None):
+                   resolution: tuple[int, int] | None = None, *, patch_order: str | None = None) -> Backend:
     """`name`: ``chroma``, ``chroma:<colour>`` or ``chroma:auto``; ``random:<backbone>`` (untrained, for benchmarks and
-    tests); otherwise a BiRefNet checkpoint: hub id, alias, snapshot folder or weights file."""
+    tests); otherwise a BiRefNet checkpoint: hub id, alias, snapshot folder or weights file.
+    `resolution` (h, w) overrides the model's own; a dynamic model given a square one keeps each frame's
+    aspect at that long side, a non-square one is taken as is."""
+    if resolution is not None:
+        check_size(resolution)
     if name == "chroma" or name.startswith("chroma:"):
         if ":" not in name:
             return ChromaBackend(device)
@@ -127,4 +154,6 @@ def create_backend(name: str, device: torch.device, precision: str = "auto",
     from ..models.weights import load_birefnet
 
     model, info = load_birefnet(name, patch_order=patch_order)
-    return BiRefNetBackend(model, resolution or info.resolution, device, dtype, name)
+    dynamic = info.spec is not None and info.spec.dynamic
+    aspect = dynamic and (resolution is None or resolution[0] == resolution[1])
+    return BiRefNetBackend(model, resolution or info.resolution, device, dtype, name, aspect)

@@ -471,9 +471,9 @@ class Engine:
         for k, ((s, item), f) in enumerate(zip(batch, frames)):
             key = (tuple(f[0].shape), item.spec) if s.yuv else (tuple(f.shape), None)
             groups.setdefault(key, []).append(k)
-        size = self.backend.resolution
         work = []  # per group: row indices into the batch, full-size planes, network input, alpha once known
-        for (_, spec), idx in groups.items():
+        for (shape, spec), idx in groups.items():
+            size = self.backend.input_size(*shape[:2])  # per frame size: a dynamic model keeps the aspect
             alpha = None
             if spec is not None:
                 y, uv = to_planes([frames[k] for k in idx])
@@ -490,7 +490,7 @@ class Engine:
                 small = resize(frame, size) if size is not None else frame
             work.append([idx, planes, small, alpha])
         todo = [w for w in work if w[3] is None]
-        if size is not None and len(todo) > 1:
+        if len(todo) > 1 and len({tuple(w[2].shape[-2:]) for w in todo}) == 1:
             for w, a in zip(todo, self.backend(torch.cat([w[2] for w in todo])).split([len(w[0]) for w in todo])):
                 w[3] = a
         else:

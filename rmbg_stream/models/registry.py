@@ -32,85 +32,36 @@ class ModelSpec:
     licence: str
     description: str
     patch_order: PatchOrder
+    # Trained on many sizes and aspect ratios (multiples of 32): frames keep their aspect at the network.
+    dynamic: bool = False
 
     @property
     def url(self) -> str:
         return f"https://huggingface.co/{self.repo_id}"
 
 
-def _spec(
-    repo_id: str,
-    backbone: str,
-    side: int | tuple[int, int],
-    description: str,
-    gated: bool = False,
-    licence: str = MIT,
-    *,
-    order: PatchOrder,
-) -> ModelSpec:
+def _spec(repo_id: str, backbone: str, side: int | tuple[int, int], order: PatchOrder, description: str,
+          gated: bool = False, licence: str = MIT, dynamic: bool = False) -> ModelSpec:
     resolution = (side, side) if isinstance(side, int) else side
-    return ModelSpec(repo_id, backbone, resolution, gated, licence, description, order)
+    return ModelSpec(repo_id, backbone, resolution, gated, licence, description, order, dynamic)
 
 
-MODELS: dict[str, ModelSpec] = {
-    s.repo_id: s
-    for s in (
-        _spec(
-            "briaai/RMBG-2.0",
-            "swin_v1_l",
-            1024,
-            "BRIA background removal; non-commercial, accept the licence on the hub first",
-            gated=True,
-            licence=BRIA_NC,
-            order="legacy",
-        ),
-        _spec("ZhengPeng7/BiRefNet", "swin_v1_l", 1024, "BiRefNet general dichotomous segmentation", order="legacy"),
-        _spec(
-            "ZhengPeng7/BiRefNet_lite",
-            "swin_v1_t",
-            1024,
-            "BiRefNet with the Swin-T backbone, several times faster",
-            order="legacy",
-        ),
-        _spec(
-            "ZhengPeng7/BiRefNet_lite-2K",
-            "swin_v1_t",
-            (1440, 2560),
-            "BiRefNet lite trained at 2560x1440",
-            order="legacy",
-        ),
-        _spec("ZhengPeng7/BiRefNet_HR", "swin_v1_l", 2048, "BiRefNet general trained at 2048x2048", order="current"),
-        _spec(
-            "ZhengPeng7/BiRefNet_HR-matting",
-            "swin_v1_l",
-            2048,
-            "BiRefNet matting trained at 2048x2048",
-            order="current",
-        ),
-        _spec(
-            "ZhengPeng7/BiRefNet-matting",
-            "swin_v1_l",
-            1024,
-            "BiRefNet trimap-free matting (soft alpha)",
-            order="legacy",
-        ),
-        _spec(
-            "ZhengPeng7/BiRefNet-portrait",
-            "swin_v1_l",
-            1024,
-            "BiRefNet tuned for people (P3M-10k and humans)",
-            order="legacy",
-        ),
-        _spec(
-            "ZhengPeng7/BiRefNet_dynamic",
-            "swin_v1_l",
-            1024,
-            "BiRefNet trained on sizes from 256 to 2304",
-            order="current",
-        ),
-        _spec("ZhengPeng7/BiRefNet_512x512", "swin_v1_l", 512, "BiRefNet general trained at 512x512", order="current"),
-    )
-}
+# fmt: off
+MODELS: dict[str, ModelSpec] = {s.repo_id: s for s in (
+    _spec("briaai/RMBG-2.0", "swin_v1_l", 1024, "legacy",
+          "BRIA background removal; non-commercial, accept the licence on the hub first", gated=True, licence=BRIA_NC),
+    _spec("ZhengPeng7/BiRefNet", "swin_v1_l", 1024, "legacy", "BiRefNet general dichotomous segmentation"),
+    _spec("ZhengPeng7/BiRefNet_lite", "swin_v1_t", 1024, "legacy", "BiRefNet, Swin-T backbone, several times faster"),
+    _spec("ZhengPeng7/BiRefNet_lite-2K", "swin_v1_t", (1440, 2560), "legacy", "BiRefNet lite trained at 2560x1440"),
+    _spec("ZhengPeng7/BiRefNet-matting", "swin_v1_l", 1024, "legacy", "BiRefNet trimap-free matting (soft alpha)"),
+    _spec("ZhengPeng7/BiRefNet-portrait", "swin_v1_l", 1024, "legacy", "BiRefNet tuned for people (P3M-10k, humans)"),
+    _spec("ZhengPeng7/BiRefNet_HR", "swin_v1_l", 2048, "current", "BiRefNet general trained at 2048x2048"),
+    _spec("ZhengPeng7/BiRefNet_HR-matting", "swin_v1_l", 2048, "current", "BiRefNet matting trained at 2048x2048"),
+    _spec("ZhengPeng7/BiRefNet_dynamic", "swin_v1_l", 1024, "current", "BiRefNet trained on sizes from 256 to 2304",
+          dynamic=True),
+    _spec("ZhengPeng7/BiRefNet_512x512", "swin_v1_l", 512, "current", "BiRefNet general trained at 512x512"),
+)}
+# fmt: on
 
 ALIASES: dict[str, str] = {
     "rmbg-2.0": "briaai/RMBG-2.0",
