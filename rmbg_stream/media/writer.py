@@ -328,8 +328,13 @@ class VideoWriter:
     def close(self, expected: int | None = None) -> Path:
         """Finish encoding, close the file and move it onto the target; returns the target path. With
         `expected`, a frame count other than that is an error (nothing is left at the target)."""
-        if self.error is None:
-            self._queue.put(_STOP)
+        # Always: after an error the encoder thread drains the queue until it sees _STOP.
+        while self._thread.is_alive():
+            try:
+                self._queue.put(_STOP, timeout=0.1)
+                break
+            except queue.Full:
+                pass
         self._thread.join()
         if self.error is None and expected is not None and self.written != expected:
             self.error = RuntimeError(f"wrote {self.written} frames, expected {expected}")
@@ -368,6 +373,7 @@ class VideoWriter:
 
     # -- encoder thread
     def _run(self) -> None:
+        item = None
         try:
             while not self._stop.is_set():
                 try:
@@ -381,6 +387,8 @@ class VideoWriter:
                 self.written += 1
         except BaseException as exc:
             self.error = exc
+            if item is _STOP:  # failed while finishing (the encoder's first packets, the header): close() waits
+                return
             # Keep taking frames so a producer blocked on a full queue sees the error instead of hanging.
             while not self._stop.is_set():
                 try:
