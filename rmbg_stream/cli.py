@@ -127,6 +127,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--codec", default=None, help="video codec (default: by container)")
     p.add_argument("--crf", type=int, default=None, help="quality for x264/x265/VP9 (lower is better)")
     p.add_argument("--decontaminate", action="store_true", help="clean the old background's colour off edges")
+    p.add_argument("--allow-truncated", action="store_true",
+                   help="keep what can be read of an input that ends before its container says (default: an error)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.add_argument("--json", action="store_true", help="print a JSON summary at the end")
     add_model_args(p)

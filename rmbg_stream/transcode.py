@@ -100,10 +100,11 @@ def share_cpu(backend) -> None:
 
 def transcode(engine: Engine, src: str | Path, dest: str | Path, *, background: Background | None = None,
               mask: bool = False, smoothing: float = 0.5, decontaminate: bool = False, codec: str | None = None,
-              crf: int | None = None, on_frame=None) -> Summary:
-    """One file. Raises MediaError for an unusable input, ValueError for an impossible output, anything else
-    for failures along the way; in every case nothing is left at `dest`. `on_frame(done, total)` is called
-    after each frame is handed to the encoder (progress; an exception there aborts cleanly)."""
+              crf: int | None = None, on_frame=None, allow_truncated: bool = False) -> Summary:
+    """One file. Raises MediaError for an unusable input (a truncated one too, unless `allow_truncated`: then
+    what could be read is kept, with a warning), ValueError for an impossible output, anything else for failures
+    along the way; in every case nothing is left at `dest`. `on_frame(done, total)` is called after each frame is
+    handed to the encoder (progress; an exception there aborts cleanly)."""
     src, dest = Path(src), Path(dest)
     if dest.exists() and src.exists() and dest.resolve() == src.resolve():
         raise ValueError(f"{dest}: the output would overwrite the input")
@@ -114,7 +115,8 @@ def transcode(engine: Engine, src: str | Path, dest: str | Path, *, background: 
     # Straight from the decoder's 4:2:0 planes to the encoder's when both sides are 8-bit 4:2:0: no RGB conversion
     # on the way in or out (on the CPU those two cost about as much as the chroma keyer itself).
     target = plan(dest, mode, 2, 2, codec, crf)  # an impossible output fails before any decoding
-    reader = VideoReader(src, prefer_yuv=mode == "gray" or (mode == "rgb" and target.pix_fmt == "yuv420p"))
+    reader = VideoReader(src, prefer_yuv=mode == "gray" or (mode == "rgb" and target.pix_fmt == "yuv420p"),
+                         allow_truncated=allow_truncated)
     info = reader.info
     bg_video = writer = stream = feeder = None
     committed = False
@@ -155,7 +157,8 @@ def transcode(engine: Engine, src: str | Path, dest: str | Path, *, background: 
         writer.close(expected=reader.decoded)
         committed = True
         summary.frames_out = writer.written
-        summary.warnings = writer.warnings
+        summary.warnings = writer.warnings + ([f"input truncated, kept what could be read: {reader.truncated}"]
+                                              if reader.truncated else [])
     finally:
         # In this order: closing the stream unblocks the feeder, which is the only user of the background
         # video and the reader's frames.
@@ -270,7 +273,8 @@ def _one(engine, args, inp: Path, out: Path, background: Background, name: str) 
     progress = Progress(name, 0, quiet=args.quiet)
     try:
         s = transcode(engine, inp, out, background=background, mask=args.mask, smoothing=args.smoothing,
-                      decontaminate=args.decontaminate, codec=args.codec, crf=args.crf, on_frame=progress.update)
+                      decontaminate=args.decontaminate, codec=args.codec, crf=args.crf, on_frame=progress.update,
+                      allow_truncated=getattr(args, "allow_truncated", False))
     except (MediaError, ValueError, RuntimeError, OSError, av.error.FFmpegError) as exc:
         text = str(exc) if str(exc).startswith(str(inp)) else f"{inp}: {exc}"
         print(f"error: {text}", file=sys.stderr)

@@ -223,6 +223,94 @@ def test_writer_copies_audio_and_keeps_pts(tmp_path):
     assert abs(audio_seconds(out) - audio_seconds(src)) < 1 / 30
 
 
+def test_writer_takes_a_1x1_frame_with_the_strides_torch_gives_it(tmp_path):
+    """test_video.mp4 (1x1) failed with "provided array does not have C_CONTIGUOUS rows": numpy calls a torch
+    view of one pixel contiguous whatever its strides, PyAV does not."""
+    import torch
+
+    src = tmp_path / "dot.mp4"
+    make_clip(src, n=3, size=(1, 1), audio=False)
+    with VideoReader(src) as r:
+        info = r.info
+    pixel = torch.tensor([[[[200]], [[60]], [[40]]]], dtype=torch.uint8).permute(0, 2, 3, 1)[0].numpy()
+    assert pixel.flags.c_contiguous and pixel.strides != (3, 3, 1)
+    with VideoWriter(tmp_path / "dot-out.mp4", info, "rgb", crf=0) as w:
+        for i in range(3):
+            w.write(pixel, i * 3000)
+    got, _, _ = read_video(tmp_path / "dot-out.mp4")
+    assert len(got) == 3 and got[0].shape == (1, 1, 3)
+    assert np.abs(got[0][0, 0].astype(int) - (200, 60, 40)).max() <= 6
+
+
+def write_with_audio(src, codec: str, frames: int = 10, audio_start: int = 0) -> None:
+    """Grey 64x48 frames at 30 fps and a third of a second of silence in `codec` from sample `audio_start`."""
+    with av.open(str(src), "w") as c:
+        v = c.add_stream("libx264", rate=30)
+        v.width, v.height, v.pix_fmt = 64, 48, "yuv420p"
+        a = c.add_stream(codec, rate=48000, layout="mono")
+        for i in range(frames):
+            f = av.VideoFrame.from_ndarray(np.full((48, 64, 3), 90, np.uint8), format="rgb24")
+            f.pts = i
+            c.mux(v.encode(f))
+        flac = codec == "flac"
+        af = av.AudioFrame.from_ndarray(np.zeros((1, 16000), np.int16 if flac else np.float32),
+                                        format="s16" if flac else "flt", layout="mono")
+        af.sample_rate, af.pts = 48000, audio_start
+        c.mux(a.encode(af))
+        c.mux(v.encode(None))
+        c.mux(a.encode(None))
+
+
+def copy_through_writer(src, out) -> VideoWriter:
+    with VideoReader(src) as r:
+        info = r.info
+        frames = list(r)
+    with VideoWriter(out, info, "rgb", copy_from=str(src)) as w:
+        for f in frames:
+            w.write(f.image, f.pts)
+    return w
+
+
+@pytest.mark.parametrize("codec", ["libopus", "flac"])
+def test_audio_that_only_mp4_takes_is_reencoded_for_mov(tmp_path, codec):
+    """no_duration.webm (Opus) to .mov failed with "Invalid argument ... returned 22": the mov muxer takes the
+    stream, then refuses it when it writes the header ("opus only supported in MP4")."""
+    src, out = tmp_path / "in.mkv", tmp_path / "out.mov"
+    write_with_audio(src, codec)
+    w = copy_through_writer(src, out)
+    assert any("re-encoded as aac" in text for text in w.warnings)
+    with av.open(str(out)) as c:
+        assert c.streams.audio[0].codec_context.name == "aac"
+    assert abs(audio_seconds(out) - audio_seconds(src)) < 0.03
+
+
+def test_a_writer_failing_as_it_finishes_raises_instead_of_hanging(tmp_path, monkeypatch):
+    """An error while flushing (here the header, written with the encoder's first packets) left close() waiting
+    for the encoder thread forever."""
+    import threading
+
+    from rmbg_stream.media import writer
+
+    monkeypatch.setattr(writer, "HEADER_REFUSES", {})  # FLAC is copied into .mov, and the header then fails
+    src, out = tmp_path / "in.mkv", tmp_path / "out.mov"
+    # Few frames (x264 holds them all until the flush) and audio after them: the header is written in the flush.
+    write_with_audio(src, "flac", frames=4, audio_start=48000)
+    raised: list[BaseException] = []
+
+    def attempt():
+        try:
+            copy_through_writer(src, out)
+        except BaseException as exc:
+            raised.append(exc)
+
+    t = threading.Thread(target=attempt, daemon=True)
+    t.start()
+    t.join(30)
+    assert not t.is_alive(), "close() hangs"
+    assert raised and isinstance(raised[0], av.error.FFmpegError)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.mkv"]
+
+
 # -- looping background
 
 

@@ -157,8 +157,9 @@ def test_stacked_frame_is_colour_over_grey_alpha():
 
     assert np.abs(centres(back[:104]) - centres(rgb)).max() <= 6
     assert np.abs(back[104:][inner].astype(int) - alpha[inner][..., None]).max() <= 2  # grey, all channels
-    odd = frames.stacked_i420(rgb[:103, :135], alpha[:103, :135])
-    assert odd.shape == (3 * 102, 134)
+    odd = frames.stacked_i420(rgb[:103, :135], alpha[:103, :135])  # padded to even, not cropped
+    assert odd.shape == (3 * 103, 136)
+    assert (frames.video_frame(odd, width=135).width, frames.video_frame(odd, width=135).height) == (135, 206)
 
 
 def test_marker_jitter_buffer_releases_a_frame_on_its_last_packet():

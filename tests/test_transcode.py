@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -314,6 +315,76 @@ def test_bad_input_gets_one_line_and_no_output(tmp_path, capsys, make, message):
     assert err[0].startswith("error: ") and message in err[0] and "in.mp4" in err[0]
     assert not out.exists()
     assert not out.parent.exists() or list(out.parent.iterdir()) == []
+
+
+def write_noisy(path: Path, n: int = 60) -> None:
+    """n frames of noise (every frame about as large, so a cut at x % keeps about x % of them) and a tone."""
+    rng = np.random.default_rng(1)
+    fmt = {".mp4": {"movflags": "+faststart"}}.get(path.suffix, {})  # the index up front: it survives the cut
+    with av.open(str(path), "w", options=fmt) as c:
+        v = c.add_stream("libx264", rate=30)
+        v.width, v.height, v.pix_fmt = 96, 64, "yuv420p"
+        v.options = {"qp": "0", "preset": "ultrafast"}
+        a = c.add_stream("aac", rate=48000, layout="mono")
+        for i in range(n):
+            f = av.VideoFrame.from_ndarray(rng.integers(0, 256, (64, 96, 3), dtype=np.uint8), format="rgb24")
+            f.pts = i
+            c.mux(v.encode(f))
+            af = av.AudioFrame.from_ndarray(np.full((1, 1600), 0.1, np.float32), format="fltp", layout="mono")
+            af.sample_rate, af.pts = 48000, i * 1600
+            c.mux(a.encode(af))
+        c.mux(v.encode(None))
+        c.mux(a.encode(None))
+
+
+def readable_frames(path: Path) -> int:
+    """Frames PyAV decodes from a file before its data runs out or goes bad."""
+    n = 0
+    with contextlib.suppress(av.error.FFmpegError), av.open(str(path)) as c:
+        for packet in c.demux(video=0):
+            if packet.is_corrupt:
+                break
+            n += len(packet.decode())
+    return n
+
+
+def packet_end_before(path: Path, size: int) -> int:
+    """The byte offset where the last whole packet before `size` ends: a cut there leaves no broken packet."""
+    with av.open(str(path)) as c:
+        return max(p.pos + p.size for p in c.demux() if p.pos is not None and p.pos >= 0 and p.pos + p.size <= size)
+
+
+@pytest.mark.parametrize("suffix, percent, clean", [
+    (".mp4", 50, False), (".mp4", 50, True), (".mkv", 10, False), (".mkv", 50, False), (".mkv", 90, False),
+], ids=["mp4-50", "mp4-50-between-packets", "mkv-10", "mkv-50", "mkv-90"])
+def test_a_truncated_input_is_an_error_unless_allowed(tmp_path, capsys, caplog, suffix, percent, clean):
+    whole, cut = tmp_path / f"whole{suffix}", tmp_path / f"cut{suffix}"
+    write_noisy(whole)
+    data = whole.read_bytes()
+    size = len(data) * percent // 100
+    cut.write_bytes(data[: packet_end_before(whole, size) if clean else size])
+    kept = readable_frames(cut)
+    assert 0 < kept < 60
+    out = tmp_path / "out.mp4"
+    assert run(cut, "-o", out) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "truncated" in err[0], err
+    assert "--allow-truncated" in err[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([cut.name, whole.name])  # nothing at OUTPUT
+
+    assert run(cut, "-o", out, "--allow-truncated", "--json") == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["frames_out"] == kept and any("truncated" in w for w in report["warnings"])
+    assert any("truncated" in r.getMessage() and r.levelname == "WARNING" for r in caplog.records)
+    got, _, _ = read_video(out)
+    assert len(got) == kept
+
+
+def test_a_whole_file_passes_the_truncation_check(tmp_path, capsys):
+    src = tmp_path / "whole.mkv"
+    write_noisy(src, n=30)
+    assert run(src, "-o", tmp_path / "out.mp4", "--json") == 0
+    assert json.loads(capsys.readouterr().out)["warnings"] == []
 
 
 def test_folder_goes_on_after_a_bad_file(clip, tmp_path, capsys):

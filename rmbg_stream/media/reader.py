@@ -103,6 +103,61 @@ def upright(image: np.ndarray, rotation: int) -> np.ndarray:
     return np.ascontiguousarray(np.rot90(image, rotation // 90))
 
 
+def expected_end(stream, container) -> tuple[float, bool] | None:
+    """(seconds at which the container says the video ends, whether that is the video's own end): the stream's
+    duration (MP4, MOV) or DURATION tag (Matroska, WebM), else the whole file's, which is the longest stream's;
+    None when the file does not say."""
+    tb = stream.time_base or Fraction(1, 90000)
+    start = float(stream.start_time * tb) if stream.start_time is not None else 0.0
+    if stream.duration:
+        return start + float(stream.duration * tb), True
+    tag = stream.metadata.get("DURATION") or stream.metadata.get("duration") or ""
+    parts = tag.split(":")
+    if len(parts) == 3:
+        try:
+            return start + int(parts[0]) * 3600 + int(parts[1]) * 60 + float(parts[2]), True
+        except ValueError:
+            pass
+    if container.duration:
+        return (container.start_time or 0) / 1e6 + container.duration / 1e6, False
+    return None
+
+
+def shortfall(path: str, stream, container, decoded: int, last_pts: int | None) -> str | None:
+    """What is missing when `decoded` frames, the last at `last_pts`, fall short of the frame count or the
+    duration the container gives; None when they do not (or it gives neither).
+
+    The slack is one frame interval plus 50 ms: the last frame's own duration is not stored, and the ten real clips
+    in ../shared/media end within that of what their containers say (fire2.mp4, variable rate, ends its last
+    frame's 0.1 s before its stream duration)."""
+    if stream.frames and decoded < stream.frames - 1:
+        return f"decoded {decoded} of the {stream.frames} frames the container lists"
+    expected = expected_end(stream, container)
+    if expected is None or last_pts is None:
+        return None
+    end, own = expected
+    rate = stream.average_rate or stream.guessed_rate
+    step = float(1 / rate) if rate else 0.1
+    got = float(last_pts * (stream.time_base or Fraction(1, 90000))) + step
+    if got >= end - step - 0.05 or (not own and _others_end(path, stream.index) >= end - step - 0.05):
+        return None
+    return f"the video stops at {got:.2f} s of the {end:.2f} s the container gives ({decoded} frames)"
+
+
+def _others_end(path: str, video_index: int) -> float:
+    """Where the file's other streams end, in seconds: audio running on past the video accounts for a whole-file
+    duration the video falls short of. Only asked when the video ends early; demuxes without decoding."""
+    last = 0.0
+    try:
+        with av.open(path, metadata_errors="replace") as c:
+            for p in c.demux():
+                if p.pts is not None and p.stream.index != video_index and p.time_base:
+                    last = max(last, float((p.pts + (p.duration or 0)) * p.time_base))
+    except av.error.FFmpegError:
+        pass  # a cut file can end mid-packet: what was read counts
+    return last
+
+
 class VideoReader:
     """Iterate over `Frame`s; decoding and RGB conversion run in a background thread.
 
@@ -110,10 +165,15 @@ class VideoReader:
     output is created. Any later decode error, including a truncated file, ends the iteration with MediaError.
     """
 
-    def __init__(self, path: str | Path, queue_size: int = 8, prefer_yuv: bool = False):
+    def __init__(self, path: str | Path, queue_size: int = 8, prefer_yuv: bool = False, allow_truncated: bool = False):
         """`prefer_yuv`: hand out the decoder's 4:2:0 planes untouched (no RGB conversion) when the video is 8-bit
-        4:2:0 with even sizes and no rotation; `yuv` and `spec` say whether that happened."""
+        4:2:0 with even sizes and no rotation; `yuv` and `spec` say whether that happened.
+
+        A file that ends before its container says it should (a cut download) ends the iteration with MediaError;
+        with `allow_truncated` the frames that could be read are kept, and `truncated` says what was missing."""
         self.path = str(path)
+        self.allow_truncated = allow_truncated
+        self.truncated: str | None = None
         self.container = open_input(path)
         videos = [s for s in self.container.streams.video if not s.disposition & av.stream.Disposition.attached_pic]
         if not videos:
@@ -162,15 +222,31 @@ class VideoReader:
         self._thread.start()
 
     def _decode(self):
-        """av.VideoFrames in presentation order; corrupt data raises MediaError."""
+        """av.VideoFrames in presentation order; corrupt data raises MediaError (or, once frames have been read
+        and truncation is allowed, ends them with `truncated` set)."""
         try:
             for packet in self.container.demux(self.stream):
                 if packet.is_corrupt:
                     where = f" at {float(packet.pts * packet.time_base):.2f} s" if packet.pts is not None else ""
-                    raise MediaError(f"{self.path}: truncated or corrupt video data{where}")
+                    self._cut_short(f"truncated or corrupt video data{where}")
+                    return
                 yield from packet.decode()
         except av.error.FFmpegError as exc:
-            raise MediaError(f"{self.path}: decode error after {self.decoded} frames ({_reason(exc)})") from None
+            self._cut_short(f"decode error after {self.decoded} frames ({_reason(exc)})")
+
+    def _cut_short(self, why: str) -> None:
+        """The video ends early: an error, or with `allow_truncated` (and a frame to keep) a warning."""
+        if not (self.allow_truncated and self.decoded):
+            raise MediaError(f"{self.path}: {why}" + ("; --allow-truncated keeps the frames before it"
+                                                      if self.decoded else ""))
+        self.truncated = why
+        log.warning("%s: %s; keeping the %d frames before it", self.path, why, self.decoded)
+
+    def _check_complete(self) -> None:
+        """After the last frame: the frame count and duration the container gives must have been reached."""
+        why = shortfall(self.path, self.stream, self.container, self.decoded, self._last_pts)
+        if why is not None:
+            self._cut_short(f"truncated: {why}")
 
     def _convert(self, frame: av.VideoFrame) -> Frame:
         pts = frame.pts if frame.pts is not None else frame.dts
@@ -208,6 +284,8 @@ class VideoReader:
             for frame in self._frames:
                 if self._stop.is_set() or not self._put(self._convert(frame)):
                     return
+            if self.truncated is None:
+                self._check_complete()
             self._put(None)
         except BaseException as exc:  # handed to the consumer: the reader thread must not die silently
             self._put(exc)

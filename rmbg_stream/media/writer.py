@@ -27,6 +27,7 @@ import numpy as np
 from av.video.reformatter import VideoReformatter
 from PIL import Image
 
+from .i420 import i420_frame
 from .reader import VideoInfo, io_threads
 
 log = logging.getLogger(__name__)
@@ -34,6 +35,7 @@ log = logging.getLogger(__name__)
 CONTAINERS = {".mp4": "mp4", ".m4v": "mp4", ".mov": "mov", ".mkv": "matroska", ".webm": "webm"}
 ALPHA_SUFFIXES = {".mov", ".webm"}  # plus PNG sequences
 PNG_PATTERN = "frame_%05d.png"
+MODE_PIX = {"rgb": "rgb24", "rgba": "rgba", "gray": "gray"}  # the engine's arrays for each mode
 
 # (default codec, default codec when the frames have alpha, audio codec when the source's cannot be copied)
 DEFAULTS = {
@@ -42,6 +44,9 @@ DEFAULTS = {
     "matroska": ("libx264", None, "libopus"),
     "webm": ("libvpx-vp9", "libvpx-vp9", "libopus"),
 }
+# Codecs a muxer takes as a stream but refuses when it writes the header ("opus only supported in MP4": FFmpeg's
+# mov muxer in mov mode, which is what .mov writes), by codec name: re-encoded instead of copied.
+HEADER_REFUSES = {"mov": {"opus", "flac", "truehd"}}
 ALPHA_PIX = ("yuva444p10le", "yuva444p12le", "yuva420p", "yuva444p", "rgba", "bgra", "gbrap", "argb")
 EVEN_PIX = ("yuv420p", "yuv422p10le", "yuv444p")
 ODD_PIX = ("yuv444p", "yuv444p10le", "gbrp", "rgb24", "yuv420p")
@@ -120,6 +125,15 @@ def plan(path: str | Path, mode: str, width: int, height: int, codec: str | None
     return target
 
 
+def c_strides(a: np.ndarray) -> np.ndarray:
+    """`a` with C strides, which PyAV's zero-copy wraps check. numpy calls an array with a length-1 axis
+    contiguous whatever that axis's stride, and torch hands out such views (a 1x1 frame: strides (4, 4, 4) for a
+    (1, 1, 3) array), so np.ascontiguousarray alone lets them through."""
+    a = np.ascontiguousarray(a)
+    strides = tuple(int(a.itemsize * np.prod(a.shape[i + 1:])) for i in range(a.ndim))
+    return a if a.strides == strides else a.copy()
+
+
 def _temp_beside(dest: Path, folder: bool) -> Path:
     """A new hidden name beside `dest` (same filesystem, so the final rename is atomic), created with the
     usual permissions rather than mkstemp's private ones."""
@@ -170,6 +184,8 @@ class _Passthrough:
                 warn(f"{what} dropped: {s.type} streams are not copied")
                 continue
             try:
+                if s.codec_context.codec.canonical_name in HEADER_REFUSES.get(kind, ()):
+                    raise ValueError(f"{kind} cannot hold {name}")
                 o = out.add_stream_from_template(s)
                 self.routes[s.index] = (o, False)
             except (ValueError, av.error.FFmpegError):
@@ -312,8 +328,13 @@ class VideoWriter:
     def close(self, expected: int | None = None) -> Path:
         """Finish encoding, close the file and move it onto the target; returns the target path. With
         `expected`, a frame count other than that is an error (nothing is left at the target)."""
-        if self.error is None:
-            self._queue.put(_STOP)
+        # Always: after an error the encoder thread drains the queue until it sees _STOP.
+        while self._thread.is_alive():
+            try:
+                self._queue.put(_STOP, timeout=0.1)
+                break
+            except queue.Full:
+                pass
         self._thread.join()
         if self.error is None and expected is not None and self.written != expected:
             self.error = RuntimeError(f"wrote {self.written} frames, expected {expected}")
@@ -352,6 +373,7 @@ class VideoWriter:
 
     # -- encoder thread
     def _run(self) -> None:
+        item = None
         try:
             while not self._stop.is_set():
                 try:
@@ -365,6 +387,8 @@ class VideoWriter:
                 self.written += 1
         except BaseException as exc:
             self.error = exc
+            if item is _STOP:  # failed while finishing (the encoder's first packets, the header): close() waits
+                return
             # Keep taking frames so a producer blocked on a full queue sees the error instead of hanging.
             while not self._stop.is_set():
                 try:
@@ -379,9 +403,11 @@ class VideoWriter:
             Image.fromarray(image).save(self.tmp / (PNG_PATTERN % (self.written + 1)), compress_level=1)
             return
         i420 = self.mode == "rgb" and image.ndim == 2
-        fmt = "yuv420p" if i420 else {"rgb": "rgb24", "rgba": "rgba", "gray": "gray"}[self.mode]
-        # Wrap the engine's array instead of copying it (from_ndarray's copy costs as much as the conversion).
-        frame = av.VideoFrame.from_numpy_buffer(np.ascontiguousarray(image), format=fmt)
+        if i420:
+            frame = i420_frame(image)  # from_numpy_buffer gets heights that are 2 mod 4 wrong: see media/i420.py
+        else:
+            # Wrap the engine's array instead of copying it (from_ndarray's copy costs as much as the conversion).
+            frame = av.VideoFrame.from_numpy_buffer(c_strides(image), format=MODE_PIX[self.mode])
         if not (i420 and self.target.pix_fmt == "yuv420p"):  # I420 from the engine is in the source's matrix
             # AREA: a box filter for the 2:1 chroma decimation, better than swscale's bilinear default and cheaper.
             frame = self.sws.reformat(frame, format=self.target.pix_fmt, dst_colorspace=self.matrix,

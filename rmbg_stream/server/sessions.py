@@ -29,6 +29,7 @@ from ..engine.engine import Engine, Result, StreamOptions, as_rgb
 from ..engine.yuv import i420_planes, join_i420, spec_of
 from ..media.images import ImageError, ImageTooLarge, open_image, to_rgb
 from . import memory
+from .frames import even_planes
 from .metrics import Histogram, Meter
 from .untrusted import TooDeep, error_text, loads_json
 
@@ -58,6 +59,7 @@ class Tag:
 
     arrived: float  # when the server had the frame (monotonic)
     source: np.ndarray | None = None  # the input colour (RGB, or I420 for WebRTC), kept while an OBS view needs it
+    size: tuple[int, int] | None = None  # (W, H) of an odd-sized 4:2:0 frame, padded to even sizes for the engine
     seq: int = 0  # WebSocket: the client's sequence number and timestamp, echoed back
     timestamp: float = 0.0
     fmt: int = 0
@@ -201,10 +203,13 @@ class Session:
             return
         spec = None
         if self.stream.yuv:
-            if isinstance(frame, av.VideoFrame) and (frame.width % 2 or frame.height % 2):
-                frame = frame.reformat(width=frame.width & ~1, height=frame.height & ~1)  # 4:2:0 needs even sizes
             spec = spec_of(frame)
-            pixels = i420_planes(frame)
+            if isinstance(frame, av.VideoFrame) and (frame.width % 2 or frame.height % 2):
+                # The engine's 4:2:0 needs even sizes: padded here, cut back to this size when sent.
+                tag.size = (frame.width, frame.height)
+                pixels = even_planes(frame)
+            else:
+                pixels = i420_planes(frame)
             if self.viewers:
                 tag.source = join_i420(pixels)
         else:

@@ -16,6 +16,7 @@ import json
 import logging
 import time
 
+import av
 from aiortc import MediaStreamTrack, RTCPeerConnection, RTCSessionDescription, rtcrtpreceiver, rtcrtpsender
 from aiortc.codecs import vpx
 from aiortc.jitterbuffer import JitterBuffer, JitterFrame
@@ -129,20 +130,26 @@ class NoCamera(LookupError):
     pass
 
 
-def render(result, stacked: bool):
-    """A result as an I420 array; None when a stacked frame is wanted but this result has no alpha yet."""
-    img, fmt = result.image, result.format
+def render(result, stacked: bool) -> av.VideoFrame | None:
+    """A result as a frame of its source's own size (colour over alpha, twice as tall, when stacked); None when a
+    stacked frame is wanted but this result has no alpha yet."""
+    img, fmt, tag = result.image, result.format, result.meta
     if fmt == "rgba":
-        return stacked_i420(*split_rgba(img))
+        rgb, alpha = split_rgba(img)
+        return video_frame(stacked_i420(rgb, alpha), width=rgb.shape[1])
+    w, h = tag.size or (None, None)  # an odd-sized camera's 4:2:0 frames are padded to even sizes for the engine
     if fmt == "yuva420p":
-        return stack_i420(img, result.alpha)
+        return video_frame(stack_i420(img, result.alpha, h), width=w)
     if stacked:
         # The straight input colour: the camera page's background is not the OBS view's.
-        tag = result.meta
         if tag.source is None or result.alpha is None:
             return None  # a frame submitted before the view attached
-        return stack_i420(tag.source, result.alpha) if fmt == "yuv420p" else stacked_i420(tag.source, result.alpha)
-    return img if fmt == "yuv420p" else rgb_to_i420(img)
+        if fmt == "yuv420p":
+            return video_frame(stack_i420(tag.source, result.alpha, h), width=w)
+        return video_frame(stacked_i420(tag.source, result.alpha), width=tag.source.shape[1])
+    if fmt == "yuv420p":
+        return video_frame(img, w, h)
+    return video_frame(rgb_to_i420(img), img.shape[1], img.shape[0])
 
 
 class ResultTrack(MediaStreamTrack):
@@ -168,10 +175,9 @@ class ResultTrack(MediaStreamTrack):
                 raise MediaStreamError from None
             skipped = version - self.seen - 1 if self.seen else 0
             self.seen = version
-            i420 = render(result, self.stacked)
-            if i420 is not None:
+            frame = render(result, self.stacked)
+            if frame is not None:
                 break
-        frame = video_frame(i420)
         # Timestamps from the send time, not the capture time: processing jitter then does not look like network
         # jitter to the browser, whose jitter buffer would grow to absorb it.
         now = time.monotonic()
