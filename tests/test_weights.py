@@ -707,7 +707,9 @@ def test_hub_download_fetches_the_bundled_code_and_takes_its_order(original, cur
     # Only the weights and the code come down: no README or config is needed.
     assert (order, decided_by, files) == ("current", "code birefnet.py", ["birefnet.py", "model.safetensors"])
     got = torch.load(scratch / "out.pt")
-    assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
+    # Another process may sum with another thread count (earlier tests tune it): float noise, not a wrong order,
+    # which moves the logits by whole units.
+    assert all(torch.allclose(a, b, rtol=0, atol=1e-4) for a, b in zip(got, expected, strict=True))
 
 
 class _RunsAShellCommand:
