@@ -22,6 +22,7 @@ import torch
 
 from .engine.composite import Background, parse_background
 from .engine.engine import Engine, StreamOptions
+from .engine.setup import build_backend
 from .media.background import LoopingVideo
 from .media.reader import VIDEO_SUFFIXES, MediaError, VideoReader
 from .media.writer import VideoWriter, alpha_capable, plan
@@ -213,8 +214,6 @@ def _on_sigterm(signum, frame):
 
 
 def run_cli(args) -> int:
-    from .cli import build_backend
-
     src, dest = Path(args.input), Path(args.output)
     fmt = getattr(args, "format", None)
     if not src.exists():

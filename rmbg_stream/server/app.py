@@ -36,6 +36,7 @@ from yarl import URL
 
 from ..engine.composite import Background, parse_background
 from ..engine.engine import Engine
+from ..engine.setup import build_backend
 from . import memory, metrics, tls, webrtc, websocket
 from .sessions import ControlError, Full, SessionManager
 from .untrusted import TooDeep, loads_json
@@ -404,8 +405,6 @@ def run_cli(args) -> int:
 
 def serve(args, background: Background, socks: list[socket.socket], secure: tls.TLS | None) -> int:
     """Loads the model and runs the app on `socks` until interrupted."""
-    from ..cli import build_backend
-
     if is_loopback(args.host):
         webrtc.keep_media_on_loopback()
     backend = build_backend(args)
