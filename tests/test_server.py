@@ -508,6 +508,7 @@ class SlowBackend:
     def __init__(self):
         self.inner = create_backend("chroma", torch.device("cpu"))
         self.device, self.resolution, self.name = self.inner.device, None, "slow"
+        self.guided = self.inner.guided
 
     def input_size(self, h, w):
         return None

@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +27,9 @@ from .smoothing import TemporalSmoother, smooth_streams
 from .streams import Result, Stream, StreamOptions, _Item, as_rgb
 from .transfer import Downloader, Uploader
 from .yuv import YUVSpec, to_planes, yuv_to_rgb
+
+if TYPE_CHECKING:
+    from .backends import Backend
 
 __all__ = ["Engine", "Result", "Stream", "StreamOptions", "as_rgb", "to_float"]
 
@@ -50,7 +54,7 @@ def to_float(hwc: torch.Tensor) -> torch.Tensor:
 
 
 class Engine:
-    def __init__(self, backend, *, max_batch: int = 4, max_wait_ms: float = 4.0, guided_radius: int = 2,
+    def __init__(self, backend: Backend, *, max_batch: int = 4, max_wait_ms: float = 4.0, guided_radius: int = 2,
                  guided_eps: float = 1e-4):
         self.backend = backend
         self.device = backend.device
@@ -276,7 +280,7 @@ class Engine:
         size = tuple(frame.shape[-2:])
         if alpha.shape[-2:] == size:
             return alpha
-        if getattr(self.backend, "guided", True):
+        if self.backend.guided:
             return composite.guided_upsample(alpha, frame, self.guided_radius, self.guided_eps)
         # The chroma keyer's alpha comes from the 4:2:0 chroma planes: it has no finer edges to recover.
         if (alpha.shape[-2] * 2, alpha.shape[-1] * 2) == size:
