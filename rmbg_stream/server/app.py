@@ -37,7 +37,7 @@ from yarl import URL
 from ..engine.composite import Background, parse_background
 from ..engine.engine import Engine
 from ..engine.setup import build_backend
-from . import memory, metrics, tls, webrtc, websocket
+from . import aiortc_patches, memory, metrics, tls, webrtc, websocket
 from .sessions import ControlError, Full, SessionManager
 from .untrusted import TooDeep, loads_json
 
@@ -291,7 +291,7 @@ def static_routes(web_dir: Path) -> list[web.RouteDef]:
 
 
 def make_app(engine: Engine, config: Config) -> web.Application:
-    webrtc.use_clean_vp8_encoder()
+    aiortc_patches.use_clean_vp8_encoder()
     app = web.Application(middlewares=[errors_as_json], client_max_size=config.upload_limit + 4096)
     upload_dir = Path(tempfile.mkdtemp(prefix="rmbg-serve-"))
     manager = SessionManager(engine, max_sessions=config.max_sessions, background=config.background,
@@ -406,7 +406,7 @@ def run_cli(args) -> int:
 def serve(args, background: Background, socks: list[socket.socket], secure: tls.TLS | None) -> int:
     """Loads the model and runs the app on `socks` until interrupted."""
     if is_loopback(args.host):
-        webrtc.keep_media_on_loopback()
+        aiortc_patches.keep_media_on_loopback()
     backend = build_backend(args)
     tune_process(backend.device)
     engine = Engine(backend, max_batch=args.batch, max_wait_ms=4)
