@@ -16,7 +16,7 @@ import torch
 
 from ..device import pick_dtype
 from ..models import BiRefNet
-from .composite import parse_background
+from .background import parse_background
 from .preprocess import check_size, fit_aspect
 
 log = logging.getLogger(__name__)

@@ -48,7 +48,7 @@ def check_background(text: str | None) -> None:
     """An IMAGE background is opened and decoded now, before the model loads or any output opens: a missing,
     damaged or oversized picture (a decompression bomb) is one line here, not a traceback or a failure per frame."""
     from ..media.images import load_rgb
-    from .composite import parse_background
+    from .background import parse_background
 
     background = parse_background(text) if text else None
     if background is not None and background.kind == "image":

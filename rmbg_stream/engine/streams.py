@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from . import composite
+from .background import Background, parse_background
 from .render import BackgroundCache
 from .smoothing import TemporalSmoother
 from .yuv import YUVSpec, i420_planes, spec_of
@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 class StreamOptions:
     """Frozen: `Stream.set_options` swaps in a new one, so a reference taken under the lock is a snapshot."""
 
-    background: composite.Background = field(default_factory=lambda: composite.parse_background("transparent"))
+    background: Background = field(default_factory=lambda: parse_background("transparent"))
     smoothing: float = 0.5
     image: bool = True  # return the composited frame
     alpha: bool = False  # return the alpha (H x W uint8)
