@@ -8,11 +8,8 @@ Layout, each layer depending only on the ones below it:
 - `media/` (decoding, encoding, pictures) and `models/` (the network and its weights).
 """
 
-import os
+from .tuning import passive_openmp
 
-# OpenMP threads that spin while waiting make every small torch op 10-50x slower as soon as another
-# process (a browser, an encoder, a second session) holds a core; sleeping waiters cost almost nothing.
-# It has to be set before torch loads its OpenMP runtime.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+passive_openmp()  # before anything loads torch: see tuning.py
 
 __version__ = "0.1.0"

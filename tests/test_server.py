@@ -28,6 +28,7 @@ from aiortc.rtp import RtpPacket
 from PIL import Image
 from yarl import URL
 
+from rmbg_stream import tuning
 from rmbg_stream.engine.backends import create_backend
 from rmbg_stream.engine.composite import parse_background
 from rmbg_stream.engine.engine import Engine
@@ -53,7 +54,7 @@ async def serve(backend=None, **config):
     """The app on 127.0.0.1 at a free port: yields (base URL, app)."""
     backend = backend or create_backend("chroma", torch.device("cpu"))
     saved = torch.get_num_threads(), sys.getswitchinterval()
-    server_app.tune_process(backend.device)  # as `rmbg-stream serve` runs, put back afterwards for other tests
+    tuning.tune_server(backend.device)  # as `rmbg-stream serve` runs, put back afterwards for other tests
     engine = Engine(backend, max_batch=4, max_wait_ms=2)
     config.setdefault("background", parse_background("#ff00ff"))
     app = make_app(engine, Config(**config))

@@ -16,6 +16,7 @@ import torch
 
 from ..device import pick_dtype
 from ..models import BiRefNet
+from ..tuning import fast_matmul
 from .background import parse_background
 from .preprocess import check_size, fit_aspect
 
@@ -48,7 +49,7 @@ class BiRefNetBackend:
     def __init__(self, model: BiRefNet, resolution: tuple[int, int], device: torch.device, dtype: torch.dtype,
                  name: str = "birefnet", aspect: bool = False):
         check_size(resolution)
-        torch.set_float32_matmul_precision("high")
+        fast_matmul()
         self.name = name
         self.resolution = tuple(resolution)
         self.aspect = aspect
