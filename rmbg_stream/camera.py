@@ -18,6 +18,7 @@ import numpy as np
 
 from .engine.composite import parse_background
 from .engine.engine import Engine, Result, StreamOptions
+from .engine.setup import build_backend
 
 VCAM_HELP = {
     "linux": "load v4l2loopback: sudo modprobe v4l2loopback devices=1 exclusive_caps=1 card_label=rmbg-stream",
@@ -251,8 +252,6 @@ def run(make_backend, source: str | None, output: str, background: str, smoothin
 
 
 def run_cli(args) -> int:
-    from .cli import build_backend
-
     size = None
     if args.size:
         try:

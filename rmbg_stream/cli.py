@@ -6,6 +6,8 @@ import argparse
 import logging
 import sys
 
+from .engine.setup import build_backend, check_background
+
 DEFAULT_MODEL = "briaai/RMBG-2.0"
 
 
@@ -26,41 +28,6 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="patch order the checkpoint was trained with: legacy (RMBG-2.0, BiRefNet before 2024-11) or "
                         "current (newer BiRefNet code) (default: from the code bundled with the checkpoint, else "
                         "the model table, else legacy)")
-
-
-def parse_resolution(value: str | int | None) -> tuple[int, int] | None:
-    """`--resolution` ("1024", 1024 or "1024x576", W x H) -> (h, w), or None; ValueError in one line."""
-    if value is None:
-        return None
-    text = str(value).strip().lower()
-    try:
-        w, h = (int(v) for v in text.split("x")) if "x" in text else (int(text),) * 2
-    except ValueError:
-        raise ValueError(f"--resolution must be N or WxH (e.g. 1024 or 1024x576), got {value!r}") from None
-    if w <= 0 or h <= 0 or w % 32 or h % 32:
-        raise ValueError(f"--resolution sides must be positive multiples of 32, got {w}x{h}")
-    return h, w
-
-
-def build_backend(args):
-    from .device import pick_device
-    from .engine.backends import create_backend
-
-    res = parse_resolution(args.resolution)
-    # Scripts (bench_transcode) and tests build their own Namespace without this newer option.
-    order = getattr(args, "patch_order", None)
-    return create_backend(args.model, pick_device(args.device), args.precision, res, patch_order=order)
-
-
-def check_background(text: str | None) -> None:
-    """An IMAGE background is opened and decoded now, before the model loads or any output opens: a missing,
-    damaged or oversized picture (a decompression bomb) is one line here, not a traceback or a failure per frame."""
-    from .engine.composite import parse_background
-    from .media.images import load_rgb
-
-    background = parse_background(text) if text else None
-    if background is not None and background.kind == "image":
-        load_rgb(background.path, label=f"background image {background.path}")
 
 
 def cmd_image(args) -> int:

@@ -9,7 +9,6 @@ Every frame keeps its source timestamp. The engine owns the model and the device
 from __future__ import annotations
 
 import json
-import os
 import signal
 import sys
 import threading
@@ -18,13 +17,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import av
-import torch
 
 from .engine.composite import Background, parse_background
 from .engine.engine import Engine, StreamOptions
+from .engine.setup import build_backend
 from .media.background import LoopingVideo
 from .media.reader import VIDEO_SUFFIXES, MediaError, VideoReader
 from .media.writer import VideoWriter, alpha_capable, plan
+from .tuning import share_cpu
 
 DEFAULT_COLOR = "#00b140"  # broadcast chroma green: what the output is keyed on again downstream
 FORMATS = {"mp4": ".mp4", "mkv": ".mkv", "mov": ".mov", "webm": ".webm", "png": ""}
@@ -84,18 +84,6 @@ class Progress:
 
 def default_background(output: str | Path) -> Background:
     return parse_background("transparent" if alpha_capable(output) else DEFAULT_COLOR)
-
-
-def share_cpu(backend) -> None:
-    """Tune the process for the engine thread and the decode / encode threads beside it.
-
-    The engine thread takes the GIL back after every torch op; at the default 5 ms switch interval it waits on
-    the decode, feed and encode threads' Python code each time. On the CPU, a backend without a network (the
-    chroma keyer) runs its small ops no faster on two threads than on one (46 fps either way at 720p), while the
-    decoder and encoder need a core of their own: leave them one."""
-    sys.setswitchinterval(0.0005)
-    if backend.device.type == "cpu" and backend.resolution is None:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) - 1))
 
 
 def transcode(engine: Engine, src: str | Path, dest: str | Path, *, background: Background | None = None,
@@ -213,8 +201,6 @@ def _on_sigterm(signum, frame):
 
 
 def run_cli(args) -> int:
-    from .cli import build_backend
-
     src, dest = Path(args.input), Path(args.output)
     fmt = getattr(args, "format", None)
     if not src.exists():

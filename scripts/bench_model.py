@@ -20,9 +20,9 @@ import time
 
 import torch
 
-from rmbg_stream.cli import parse_resolution
 from rmbg_stream.device import pick_device, pick_dtype
 from rmbg_stream.engine.backends import BiRefNetBackend
+from rmbg_stream.engine.setup import parse_resolution
 from rmbg_stream.models import BACKBONES, BiRefNet
 
 

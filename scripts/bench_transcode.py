@@ -29,9 +29,9 @@ import av
 import numpy as np
 import torch
 
-from rmbg_stream.cli import build_backend
 from rmbg_stream.engine.composite import parse_background
 from rmbg_stream.engine.engine import Engine, StreamOptions
+from rmbg_stream.engine.setup import build_backend
 from rmbg_stream.media.reader import VideoReader
 from rmbg_stream.media.writer import plan
 from rmbg_stream.transcode import share_cpu, transcode

@@ -21,12 +21,12 @@ from aiortc import MediaStreamTrack, RTCPeerConnection, RTCRtpSender, RTCSession
 from rmbg_stream.engine.backends import create_backend
 from rmbg_stream.engine.engine import Engine
 from rmbg_stream.media.i420 import i420_frame, planes_frame
-from rmbg_stream.server import frames, webrtc
+from rmbg_stream.server import aiortc_patches, frames
 from rmbg_stream.transcode import transcode
 
 from .test_server import serve, settle
 
-webrtc.keep_media_on_loopback()
+aiortc_patches.keep_media_on_loopback()
 
 U, V = 118, 150  # warm, far from the keyer's green (all foreground), and in RGB gamut for every luma used
 SMALL = [(w, h) for h in range(2, 13) for w in ((3, 5, 7, 9, 11, 13) if h % 2 else (2, 3, 6, 7, 10, 13))]

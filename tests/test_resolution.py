@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from rmbg_stream.cli import main, parse_resolution
+from rmbg_stream.cli import main
 from rmbg_stream.engine.backends import BiRefNetBackend, create_backend
 from rmbg_stream.engine.engine import Engine, StreamOptions
 from rmbg_stream.engine.preprocess import check_size, fit_aspect
+from rmbg_stream.engine.setup import parse_resolution
 from rmbg_stream.models import BiRefNet
 from rmbg_stream.models.registry import MODELS
 

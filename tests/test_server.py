@@ -28,17 +28,18 @@ from aiortc.rtp import RtpPacket
 from PIL import Image
 from yarl import URL
 
+from rmbg_stream import tuning
 from rmbg_stream.engine.backends import create_backend
 from rmbg_stream.engine.composite import parse_background
 from rmbg_stream.engine.engine import Engine
+from rmbg_stream.server import aiortc_patches, frames, webrtc, websocket
 from rmbg_stream.server import app as server_app
-from rmbg_stream.server import frames, webrtc, websocket
 from rmbg_stream.server.app import MANAGER, Config, make_app
 from rmbg_stream.server.sessions import Closed, Latest
 from rmbg_stream.server.synthetic import GreenScreen, SyntheticTrack, read_stamp
 
 # Media between the test's peers and the server stays on 127.0.0.1, as `serve --host 127.0.0.1` keeps it.
-webrtc.keep_media_on_loopback()
+aiortc_patches.keep_media_on_loopback()
 
 MAGENTA = (255, 0, 255)
 CYAN = (0, 255, 255)
@@ -53,7 +54,7 @@ async def serve(backend=None, **config):
     """The app on 127.0.0.1 at a free port: yields (base URL, app)."""
     backend = backend or create_backend("chroma", torch.device("cpu"))
     saved = torch.get_num_threads(), sys.getswitchinterval()
-    server_app.tune_process(backend.device)  # as `rmbg-stream serve` runs, put back afterwards for other tests
+    tuning.tune_server(backend.device)  # as `rmbg-stream serve` runs, put back afterwards for other tests
     engine = Engine(backend, max_batch=4, max_wait_ms=2)
     config.setdefault("background", parse_background("#ff00ff"))
     app = make_app(engine, Config(**config))
@@ -163,7 +164,7 @@ def test_stacked_frame_is_colour_over_grey_alpha():
 
 
 def test_marker_jitter_buffer_releases_a_frame_on_its_last_packet():
-    jb = webrtc.MarkerJitterBuffer(512, is_video=True)
+    jb = aiortc_patches.MarkerJitterBuffer(512, is_video=True)
 
     def packet(seq, ts, marker, data):
         p = RtpPacket(sequence_number=seq, timestamp=ts, marker=marker)
@@ -508,6 +509,7 @@ class SlowBackend:
     def __init__(self):
         self.inner = create_backend("chroma", torch.device("cpu"))
         self.device, self.resolution, self.name = self.inner.device, None, "slow"
+        self.guided = self.inner.guided
 
     def input_size(self, h, w):
         return None
@@ -702,14 +704,14 @@ def test_server_vp8_encoder_runs_without_the_denoiser():
     from aiortc.jitterbuffer import JitterFrame
     from aiortc.rtcrtpparameters import RTCRtpCodecParameters
 
-    webrtc.use_clean_vp8_encoder()  # as make_app does
+    aiortc_patches.use_clean_vp8_encoder()  # as make_app does
     vp8 = RTCRtpCodecParameters(mimeType="video/VP8", clockRate=90000, payloadType=96)
     h264 = RTCRtpCodecParameters(mimeType="video/H264", clockRate=90000, payloadType=97)
     encoder = rtcrtpsender.get_encoder(vp8)
-    assert isinstance(encoder, webrtc.CleanVp8Encoder)
-    assert not isinstance(rtcrtpsender.get_encoder(h264), webrtc.CleanVp8Encoder)
+    assert isinstance(encoder, aiortc_patches.CleanVp8Encoder)
+    assert not isinstance(rtcrtpsender.get_encoder(h264), aiortc_patches.CleanVp8Encoder)
 
-    ctx = webrtc._Vp8Context(av.CodecContext.create("libvpx", "w"))
+    ctx = aiortc_patches._Vp8Context(av.CodecContext.create("libvpx", "w"))
     ctx.options = {"noise-sensitivity": "4", "cpu-used": "-6"}
     assert ctx._ctx.options == {"noise-sensitivity": "0", "cpu-used": "-6"}
 
@@ -719,9 +721,9 @@ def test_server_vp8_encoder_runs_without_the_denoiser():
         frame = frames.video_frame(source.frame(n))
         frame.pts, frame.time_base = n * 3000, webrtc.VIDEO_TIME_BASE
         payloads, _ = encoder.encode(frame)
-        data = b"".join(webrtc.vpx.VpxPayloadDescriptor.parse(p)[1] for p in payloads)
+        data = b"".join(aiortc_patches.vpx.VpxPayloadDescriptor.parse(p)[1] for p in payloads)
         (out,) = decoder.decode(JitterFrame(data=data, timestamp=0))
         plane = out.planes[0]
         luma = np.frombuffer(plane, np.uint8).reshape(-1, plane.line_size)[: out.height, : out.width]
         assert read_stamp(luma) == n
-    assert isinstance(encoder.codec, webrtc._Vp8Context)
+    assert isinstance(encoder.codec, aiortc_patches._Vp8Context)

@@ -16,7 +16,8 @@ import torch
 
 from ..device import pick_dtype
 from ..models import BiRefNet
-from .composite import parse_background
+from ..tuning import fast_matmul
+from .background import parse_background
 from .preprocess import check_size, fit_aspect
 
 log = logging.getLogger(__name__)
@@ -26,10 +27,16 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class Backend(Protocol):
+    """What the engine needs of a backend (see the module docstring). Optional capabilities are declared
+    attributes, never probed for."""
+
     name: str
     device: torch.device
     dtype: torch.dtype
     resolution: tuple[int, int] | None
+    # The alpha has edges finer than the network input that a guided filter recovers from the frame (a network);
+    # False: plain bilinear upsampling (the chroma keyer, whose alpha on 4:2:0 streams comes from the chroma planes).
+    guided: bool
 
     def input_size(self, h: int, w: int) -> tuple[int, int] | None: ...
 
@@ -42,10 +49,11 @@ class BiRefNetBackend:
     def __init__(self, model: BiRefNet, resolution: tuple[int, int], device: torch.device, dtype: torch.dtype,
                  name: str = "birefnet", aspect: bool = False):
         check_size(resolution)
-        torch.set_float32_matmul_precision("high")
+        fast_matmul()
         self.name = name
         self.resolution = tuple(resolution)
         self.aspect = aspect
+        self.guided = True
         self.device = device
         self.dtype = dtype
         self.model = model.eval().to(device=device, dtype=dtype)
@@ -82,7 +90,7 @@ class ChromaBackend:
         self.auto = key is None
         self.name = "chroma:auto" if self.auto else "chroma"
         self.resolution = None
-        self.guided = False  # see Engine._upsample
+        self.guided = False  # see Backend
         self.device = device
         self.dtype = torch.float32
         # RGB -> (Cb, Cr) as a 1x1 convolution whose bias subtracts the key: one pass over the frame.

@@ -15,12 +15,10 @@ untrusted.loads_json (depth-bounded).
 from __future__ import annotations
 
 import errno
-import gc
 import hmac
 import ipaddress
 import json
 import logging
-import os
 import re
 import shutil
 import socket
@@ -36,7 +34,9 @@ from yarl import URL
 
 from ..engine.composite import Background, parse_background
 from ..engine.engine import Engine
-from . import memory, metrics, tls, webrtc, websocket
+from ..engine.setup import build_backend
+from ..tuning import tune_server
+from . import aiortc_patches, metrics, tls, webrtc, websocket
 from .sessions import ControlError, Full, SessionManager
 from .untrusted import TooDeep, loads_json
 
@@ -290,7 +290,7 @@ def static_routes(web_dir: Path) -> list[web.RouteDef]:
 
 
 def make_app(engine: Engine, config: Config) -> web.Application:
-    webrtc.use_clean_vp8_encoder()
+    aiortc_patches.use_clean_vp8_encoder()
     app = web.Application(middlewares=[errors_as_json], client_max_size=config.upload_limit + 4096)
     upload_dir = Path(tempfile.mkdtemp(prefix="rmbg-serve-"))
     manager = SessionManager(engine, max_sessions=config.max_sessions, background=config.background,
@@ -319,25 +319,6 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False  # a name: it may resolve to anything
-
-
-def tune_process(device) -> None:
-    """Process-wide settings for serving; measured on two cores with a browser beside the server."""
-    # aiortc allocates a few objects per packet, so the cyclic GC runs often, and each full pass walked the ~200k
-    # objects of torch and the model: a third of the server's CPU. Those are here for good; the GC can skip them.
-    gc.collect()
-    gc.freeze()
-    memory.tune()  # before the engine's and the executor's threads start: see memory.py
-    # The engine thread needs the GIL between its many small torch ops while the event loop runs aiortc's
-    # pure-Python RTP path; at the default 5 ms switch interval the engine spends much of each batch waiting.
-    # 0.1 ms: 4 sessions at 640x480 went from 18 to 23 fps each on two cores against 0.5 ms.
-    sys.setswitchinterval(0.0001)
-    if device.type == "cpu":
-        import torch
-
-        # The codecs and the event loop need cores too: an engine spread over all of them stalls on the busy ones
-        # (on two cores, two threads were three times slower than one).
-        torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
 
 
 def listen(host: str, port: int) -> list[socket.socket]:
@@ -404,12 +385,10 @@ def run_cli(args) -> int:
 
 def serve(args, background: Background, socks: list[socket.socket], secure: tls.TLS | None) -> int:
     """Loads the model and runs the app on `socks` until interrupted."""
-    from ..cli import build_backend
-
     if is_loopback(args.host):
-        webrtc.keep_media_on_loopback()
+        aiortc_patches.keep_media_on_loopback()
     backend = build_backend(args)
-    tune_process(backend.device)
+    tune_server(backend.device)
     engine = Engine(backend, max_batch=args.batch, max_wait_ms=4)
     config = Config(token=args.token, max_sessions=args.max_sessions, background=background, model=args.model)
     print(startup_lines(args.host, socks[0].getsockname()[1], args.token, secure), flush=True)

@@ -17,11 +17,10 @@ import logging
 import time
 
 import av
-from aiortc import MediaStreamTrack, RTCPeerConnection, RTCSessionDescription, rtcrtpreceiver, rtcrtpsender
-from aiortc.codecs import vpx
-from aiortc.jitterbuffer import JitterBuffer, JitterFrame
+from aiortc import MediaStreamTrack, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import VIDEO_TIME_BASE, MediaStreamError
 
+from .aiortc_patches import newer_frames
 from .frames import rgb_to_i420, split_rgba, stack_i420, stacked_i420, video_frame
 from .sessions import Closed, Session, SessionManager, Tag
 from .untrusted import error_text
@@ -30,96 +29,6 @@ log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT = 20.0  # an answered offer whose peer never connects is given up after this long
 STATS_INTERVAL = 1.0
-
-
-def keep_media_on_loopback() -> None:
-    """Gather only 127.0.0.1 as the ICE host candidate in this process.
-
-    aioice skips loopback and offers every other interface, so a server bound to 127.0.0.1 would still send
-    media over the machine's network addresses. Bound to loopback, it keeps media there too.
-    """
-    import aioice.ice
-
-    aioice.ice.get_host_addresses = lambda use_ipv4, use_ipv6: ["127.0.0.1"] if use_ipv4 else []
-
-
-class MarkerJitterBuffer(JitterBuffer):
-    """aiortc's video jitter buffer, but a frame leaves on its last packet (the RTP marker bit).
-
-    The stock one releases a frame only when the first packet of the next frame arrives, which adds a whole frame
-    interval (33 ms at 30 fps, more for slower cameras) to every frame the server receives.
-    """
-
-    def _remove_frame(self, sequence_number: int) -> JitterFrame | None:
-        packets = []
-        for count in range(self.capacity):
-            packet = self._packets[(self._origin + count) % self._capacity]
-            if packet is None:
-                return None  # a gap: wait for the missing packet, as the stock buffer does
-            if packets and packet.timestamp != packets[0].timestamp:
-                break  # the next frame has begun, so this one is complete even without a marker
-            packets.append(packet)
-            if packet.marker:
-                break
-        else:
-            return None
-        self.remove(len(packets))
-        return JitterFrame(data=b"".join(p._data for p in packets), timestamp=packets[0].timestamp)
-
-
-def _jitter_buffer(capacity: int, prefetch: int = 0, is_video: bool = False) -> JitterBuffer:
-    if is_video and prefetch == 0:
-        return MarkerJitterBuffer(capacity, prefetch, is_video)
-    return JitterBuffer(capacity, prefetch, is_video)
-
-
-if rtcrtpreceiver.JitterBuffer is JitterBuffer and hasattr(JitterBuffer, "_remove_frame"):
-    rtcrtpreceiver.JitterBuffer = _jitter_buffer  # the receiver looks the class up in its own module
-
-
-class _Vp8Context:
-    """A libvpx encoder context that takes aiortc's options with the temporal denoiser off."""
-
-    def __init__(self, ctx):
-        object.__setattr__(self, "_ctx", ctx)
-
-    def __getattr__(self, name):
-        return getattr(self._ctx, name)
-
-    def __setattr__(self, name, value):
-        if name == "options":
-            value = {**value, "noise-sensitivity": "0"}
-        setattr(self._ctx, name, value)
-
-
-class CleanVp8Encoder(vpx.Vp8Encoder):
-    """aiortc's VP8 encoder without libvpx's temporal denoiser (aiortc sets noise-sensitivity 4, for cameras).
-
-    What the server sends is composited output, not sensor noise: the denoiser only smears it and costs time
-    (640x480 on one core: libvpx alone 1.8 -> 0.85 ms a frame, aiortc's whole encode 2.5 -> 1.8 ms).
-    """
-
-    @property
-    def codec(self):
-        return self._codec
-
-    @codec.setter
-    def codec(self, ctx):
-        self._codec = None if ctx is None else _Vp8Context(ctx)
-
-
-def _get_encoder(codec):
-    if codec.mimeType.lower() == "video/vp8":
-        return CleanVp8Encoder()
-    return _stock_get_encoder(codec)
-
-
-_stock_get_encoder = rtcrtpsender.get_encoder
-
-
-def use_clean_vp8_encoder() -> None:
-    """Senders in this process encode VP8 with `CleanVp8Encoder` (the server's; its peers keep their own)."""
-    rtcrtpsender.get_encoder = _get_encoder  # the sender looks it up in its own module
 
 
 class BadOffer(ValueError):
@@ -197,11 +106,7 @@ async def pump(track, session: Session) -> None:
             now = time.monotonic()
             session.arrived(now)
             # Frames that piled up in aiortc's queue while the loop was busy are already stale: keep the last.
-            queue = getattr(track, "_queue", None)
-            while queue is not None and not queue.empty():
-                newer = queue.get_nowait()
-                if newer is None:
-                    raise MediaStreamError
+            for newer in newer_frames(track):
                 session.arrived(now)
                 session.skipped += 1
                 frame = newer
