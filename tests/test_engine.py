@@ -114,6 +114,35 @@ def test_live_results_nobody_reads_are_counted_once_as_dropped(engine):
     s.close()
 
 
+def _smoothed_file_run(max_batch: int, frames: list[np.ndarray]) -> tuple[list[np.ndarray], dict]:
+    with Engine(ChromaBackend(CPU), max_batch=max_batch, max_wait_ms=2000) as engine:
+        idle = engine.open_stream(live=False)  # never ready: the worker waits for a full batch instead
+        s = engine.open_stream(live=False, max_in_flight=len(frames), options=StreamOptions(
+            background=parse_background("#ff00ff"), smoothing=0.7))
+        for i, f in enumerate(frames):
+            s.submit(f, pts=i)
+        s.end()
+        out = [s.get(timeout=30).image for _ in frames]
+        batches = engine.stats()
+        s.close()
+        idle.close()
+    return out, batches
+
+
+def test_file_frames_batched_together_are_smoothed_as_one_after_another():
+    """Smoothing must not depend on how a file's frames fall into batches (a transcode at --batch 4 equals one
+    at --batch 1, frame for frame)."""
+    frames = []
+    for t in range(8):
+        f, _ = green_frame(h=45, w=67, box=(10, 35, 4 + 5 * t, 24 + 5 * t))  # a box moving 5 px a frame
+        frames.append(f)
+    single, _ = _smoothed_file_run(1, frames)
+    batched, stats = _smoothed_file_run(4, frames)
+    assert stats["batches"] <= 4, stats  # the frames really shared batches
+    for t, (a, b) in enumerate(zip(single, batched, strict=True)):
+        assert np.array_equal(a, b), t
+
+
 def test_several_streams_share_batches(engine):
     colours = {"#ff0000": (255, 0, 0), "#00ffff": (0, 255, 255), "white": (255, 255, 255)}
     sizes = [(48, 64), (40, 40), (30, 50)]

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rmbg_stream.engine.smoothing import TemporalSmoother, dtssd, grey, no_history, smooth_batch
+from rmbg_stream.engine.smoothing import TemporalSmoother, dtssd, grey, no_history, smooth_batch, smooth_streams
 
 N = 64
 
@@ -142,6 +142,27 @@ def test_batch_matches_per_stream_and_handles_missing_history():
         torch.testing.assert_close(out[0:1], ref_a[t])
         torch.testing.assert_close(out[1:2], ref_b[t - 1])
         prev_a, prev_f = out, grey(frames)
+
+
+def test_consecutive_frames_of_one_stream_in_one_batch_are_smoothed_one_after_another():
+    """A file stream hands the engine several frames at once: each must see the one before it as history."""
+    a_imgs, a_preds, _ = moving_sequence(frames=5, seed=4)
+    b_imgs, b_preds, _ = still_sequence(frames=2, seed=5)
+    ref_a = run(TemporalSmoother(), a_imgs, a_preds, 0.6)
+    ref_b = run(TemporalSmoother(), b_imgs, b_preds, 0.4)
+    sa, sb = TemporalSmoother(), TemporalSmoother()
+    first = smooth_streams([sa], a_preds[0], a_imgs[0], [0.6])
+    # One batch: a's frames 1..4 with b's frames 0..1 between them, as the engine collects them.
+    rows = [(sa, 1), (sb, 0), (sa, 2), (sa, 3), (sb, 1), (sa, 4)]
+    imgs = {sa: a_imgs, sb: b_imgs}
+    preds = {sa: a_preds, sb: b_preds}
+    out = smooth_streams([sm for sm, _ in rows], torch.cat([preds[sm][t] for sm, t in rows]),
+                         torch.cat([imgs[sm][t] for sm, t in rows]), [0.6 if sm is sa else 0.4 for sm, _ in rows])
+    torch.testing.assert_close(first, ref_a[0])
+    for i, (sm, t) in enumerate(rows):
+        torch.testing.assert_close(out[i:i + 1], (ref_a if sm is sa else ref_b)[t])
+    torch.testing.assert_close(sa.prev_alpha, ref_a[4])
+    torch.testing.assert_close(sb.prev_alpha, ref_b[1])
 
 
 def test_no_host_reads():

@@ -181,9 +181,30 @@ def dtssd(pred_seq, true_seq) -> float:
 
 def smooth_streams(smoothers: Sequence[TemporalSmoother], alphas: torch.Tensor, frames_small: torch.Tensor,
                    strengths: Sequence[float]) -> torch.Tensor:
-    """One ``smooth_batch`` call for several streams' frames of one size (row i belongs to ``smoothers[i]``):
-    a batch costs the same few dozen small ops as a single frame. Strength 0 leaves a row raw and its
-    stream without history, as ``TemporalSmoother`` does. The first smoother's params apply to all."""
+    """Smooths rows of alpha (B,1,h,w) float 0..1 of one size, row i belonging to ``smoothers[i]``, with
+    ``frames_small`` (B,3,h,w) their frames. A stream may own several rows (a file stream's consecutive frames,
+    in order): each is smoothed against the one before it, so the rows go in waves that hold each stream at most
+    once. A wave is one ``smooth_batch`` call: a batch of many streams costs the same few dozen small ops as a
+    single frame. Strength 0 leaves a row raw and its stream without history, as ``TemporalSmoother`` does."""
+    waves: list[list[int]] = []
+    seen: dict[int, int] = {}
+    for i, sm in enumerate(smoothers):
+        k = seen[id(sm)] = seen.get(id(sm), -1) + 1
+        if k == len(waves):
+            waves.append([])
+        waves[k].append(i)
+    if len(waves) == 1:
+        return _smooth_wave(smoothers, alphas, frames_small, strengths)
+    out = torch.empty_like(alphas)
+    for rows in waves:
+        out[rows] = _smooth_wave([smoothers[i] for i in rows], alphas[rows], frames_small[rows],
+                                 [strengths[i] for i in rows])
+    return out
+
+
+def _smooth_wave(smoothers: Sequence[TemporalSmoother], alphas: torch.Tensor, frames_small: torch.Tensor,
+                 strengths: Sequence[float]) -> torch.Tensor:
+    """``smooth_streams`` for rows of distinct streams. The first smoother's params apply to all."""
     if all(s <= 0 for s in strengths):
         for sm in smoothers:
             sm.reset()
