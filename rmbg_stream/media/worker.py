@@ -59,12 +59,10 @@ class Worker:
     def items(self) -> Iterator[Any]:
         """What the other side puts, up to `END`. Ends when stopped; on the caller's side also when the thread is
         gone (raising its error, if any, after the items it queued)."""
-        while True:
+        while not self._stop.is_set():
             try:
                 item = self._queue.get(timeout=POLL)
             except queue.Empty:
-                if self._stop.is_set():
-                    return
                 if self._thread.is_alive():
                     continue
                 item = self._left_over()
@@ -98,9 +96,9 @@ class Worker:
     def stop(self) -> None:
         """End the thread early and wait for it; what was queued is dropped."""
         self._stop.set()
-        while True:
+        self._thread.join()  # after its current item at most: every wait of the thread's, and items(), checks the stop
+        while True:  # after the join, so that nothing the thread put at the last moment is left
             try:
                 self._queue.get_nowait()
             except queue.Empty:
                 break
-        self._thread.join()
