@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import queue
-import threading
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -19,6 +17,7 @@ import av
 import numpy as np
 
 from ..engine.yuv import i420_planes, spec_of
+from .worker import END, Worker
 
 log = logging.getLogger(__name__)
 
@@ -182,8 +181,6 @@ class VideoReader:
         self.stream = stream = videos[0]
         stream.thread_type = "AUTO"
         stream.thread_count = io_threads()
-        self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
-        self._stop = threading.Event()
         self._step = None
         self._last_pts: int | None = None
         self.decoded = 0
@@ -218,8 +215,7 @@ class VideoReader:
                     and first.width % 2 == 0 and first.height % 2 == 0)
         self.spec = spec_of(first)
         self._first = self._convert(first)
-        self._thread = threading.Thread(target=self._run, name="rmbg-decode", daemon=True)
-        self._thread.start()
+        self._worker = Worker("rmbg-decode", self._run, queue_size)
 
     def _decode(self):
         """av.VideoFrames in presentation order; corrupt data raises MediaError (or, once frames have been read
@@ -268,45 +264,22 @@ class VideoReader:
         rgb = frame.to_ndarray(format="rgb24", threads=io_threads())
         return Frame(upright(rgb, self.rotation), pts, float(pts * tb))
 
-    def _put(self, item) -> bool:
-        while not self._stop.is_set():
-            try:
-                self._queue.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                pass
-        return False
-
-    def _run(self) -> None:
-        try:
-            if not self._put(self._first):
+    def _run(self, worker: Worker) -> None:
+        """The decode thread: frames into the queue, then END; an error goes to the consumer after the frames."""
+        if not worker.put(self._first):
+            return
+        for frame in self._frames:
+            if worker.stopped or not worker.put(self._convert(frame)):
                 return
-            for frame in self._frames:
-                if self._stop.is_set() or not self._put(self._convert(frame)):
-                    return
-            if self.truncated is None:
-                self._check_complete()
-            self._put(None)
-        except BaseException as exc:  # handed to the consumer: the reader thread must not die silently
-            self._put(exc)
+        if self.truncated is None:
+            self._check_complete()
+        worker.put(END)
 
     def __iter__(self):
-        while True:
-            try:
-                item = self._queue.get(timeout=0.1)
-            except queue.Empty:
-                if self._stop.is_set():  # closed under us: no more frames will come
-                    return
-                continue
-            if item is None:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
+        yield from self._worker.items()  # ends early, without an error, when closed under us
 
     def close(self) -> None:
-        self._stop.set()
-        self._thread.join()
+        self._worker.stop()
         self.container.close()
 
     def __enter__(self):

@@ -9,18 +9,21 @@ Timestamps are the source's: each frame is encoded with the pts it came with, in
 audio starts early, e.g. AAC priming, the muxer moves every stream up together). Colour range and matrix are the
 source's too (limited range when the source does not say). Odd sizes are kept: H.264/H.265 4:2:0 needs even
 sizes, so an odd-sized frame is encoded 4:4:4 there rather than padded or cropped (VP9 4:2:0 takes odd sizes).
+
+`VideoWriter` is the one entry point: `plan` checks the target before anything is opened, then an encode thread
+(`worker.Worker`) feeds one `Sink`, a `PngSequence` or a `ContainerSink`, and `close` renames its output into place.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import queue
 import secrets
 import shutil
-import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import av
 import numpy as np
@@ -29,6 +32,7 @@ from PIL import Image
 
 from .i420 import i420_frame
 from .reader import VideoInfo, io_threads
+from .worker import Worker
 
 log = logging.getLogger(__name__)
 
@@ -239,56 +243,88 @@ class _Passthrough:
         self.src.close()
 
 
-_STOP = object()
+class Sink(Protocol):
+    """Where `VideoWriter`'s encode thread sends frames (`write`, then `finish` once after the last), written under
+    `tmp`, a hidden name beside `path`; afterwards the caller's thread either `commit`s (rename onto `path`) or
+    `discard`s (leave nothing)."""
+
+    path: Path
+    tmp: Path
+
+    def write(self, image: np.ndarray, pts: int) -> None: ...
+
+    def finish(self) -> None: ...
+
+    def commit(self) -> None: ...
+
+    def discard(self) -> None: ...
 
 
-class VideoWriter:
-    """`write(image, pts)` frames (H x W x 3 RGB or (3H/2, W) I420 for mode "rgb", H x W x 4 RGBA, H x W grey
-    uint8, per `mode`), then
-    `close()` to finish and rename onto the target, or `abort()` to leave nothing. Encoding and muxing run in a
-    thread; an error there is raised by the next `write` or by `close`."""
+class PngSequence:
+    """A folder of frame_00001.png, frame_00002.png, ... (the order is the timestamps'; a PNG has no time). An
+    earlier sequence at the target is replaced whole; a folder holding anything else is refused before anything is
+    written."""
 
-    def __init__(self, path: str | Path, info: VideoInfo, mode: str = "rgb", *, codec: str | None = None,
-                 crf: int | None = None, copy_from: str | None = None, queue_size: int = 8):
-        self.info = info
-        self.mode = mode
-        self.target = plan(path, mode, info.width, info.height, codec, crf)
-        self.path = self.target.path
-        self.warnings: list[str] = []
-        self.written = 0
-        self.error: BaseException | None = None
-        self.container = self.passthrough = None
-        self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
-        self._stop = threading.Event()
-        self.png = self.target.format is None
-        for note in self.target.notes:
-            self._warn(note)
-        if self.png:
-            check_png_folder(self.path)
-        self.tmp = _temp_beside(self.path, self.png)
+    def __init__(self, target: Target, info: VideoInfo, mode: str, copy_from: str | None,
+                 warn: Callable[[str], None]):
+        self.path = target.path
+        check_png_folder(self.path)
+        self.tmp = _temp_beside(self.path, folder=True)
+        self.count = 0
         try:
-            if self.png:
-                if copy_from:
-                    self._note_dropped(copy_from)
-            else:
-                self._open(copy_from)
+            if copy_from:
+                self._note_dropped(copy_from, info.index, warn)
         except BaseException:
-            self._discard()
+            self.discard()
             raise
-        self._thread = threading.Thread(target=self._run, name="rmbg-encode", daemon=True)
-        self._thread.start()
 
-    def _warn(self, text: str) -> None:
-        self.warnings.append(text)
-        log.warning("%s: %s", Path(self.info.path).name, text)
-
-    def _note_dropped(self, source: str) -> None:
+    @staticmethod
+    def _note_dropped(source: str, video_index: int, warn: Callable[[str], None]) -> None:
         with av.open(source, metadata_errors="replace") as src:
             for s in src.streams:
-                if s.index != self.info.index and s.type in ("audio", "subtitle", "data"):
-                    self._warn(f"{s.type} stream #{s.index} dropped: a PNG sequence has no {s.type}")
+                if s.index != video_index and s.type in ("audio", "subtitle", "data"):
+                    warn(f"{s.type} stream #{s.index} dropped: a PNG sequence has no {s.type}")
 
-    def _open(self, copy_from: str | None) -> None:
+    def write(self, image: np.ndarray, pts: int) -> None:
+        self.count += 1
+        # Level 1: several times faster than the default and only slightly larger.
+        Image.fromarray(image).save(self.tmp / (PNG_PATTERN % self.count), compress_level=1)
+
+    def finish(self) -> None:
+        pass  # every frame is a finished file already
+
+    def commit(self) -> None:
+        if self.path.is_dir():
+            # An earlier sequence (checked to hold only frames) is swapped out, then removed.
+            old = _temp_beside(self.path, folder=True)
+            os.replace(self.path, old / "old")
+            os.replace(self.tmp, self.path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(self.tmp, self.path)
+
+    def discard(self) -> None:
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+class ContainerSink:
+    """One video file: frames encoded with the source's timestamps and colour, and the source's audio and subtitles
+    (`copy_from`) muxed in step with them."""
+
+    def __init__(self, target: Target, info: VideoInfo, mode: str, copy_from: str | None,
+                 warn: Callable[[str], None]):
+        self.target, self.info, self.mode = target, info, mode
+        self.path = target.path
+        self.container: av.container.OutputContainer | None = None
+        self.passthrough: _Passthrough | None = None
+        self.tmp = _temp_beside(self.path, folder=False)
+        try:
+            self._open(copy_from, warn)
+        except BaseException:
+            self.discard()
+            raise
+
+    def _open(self, copy_from: str | None, warn: Callable[[str], None]) -> None:
         t, info = self.target, self.info
         self.container = out = av.open(str(self.tmp), "w", format=t.format)
         vs = out.add_stream(t.codec, rate=info.rate or 30, options=t.options)
@@ -309,99 +345,12 @@ class VideoWriter:
         self.sws = VideoReformatter()
         self.matrix = SWS_MATRIX.get(info.colorspace)
         if copy_from:
-            self.passthrough = _Passthrough(copy_from, out, info.index, DEFAULTS[t.format][2], self._warn)
+            self.passthrough = _Passthrough(copy_from, out, info.index, DEFAULTS[t.format][2], warn)
             # Title, creation time, location...; the brand and encoder tags describe the old file, not this one.
             out.metadata.update({k: v for k, v in self.passthrough.src.metadata.items()
                                  if k.lower() not in ("major_brand", "minor_version", "compatible_brands", "encoder")})
 
-    # -- producer side
     def write(self, image: np.ndarray, pts: int) -> None:
-        while True:
-            if self.error is not None:
-                raise self.error
-            try:
-                self._queue.put((image, pts), timeout=0.1)
-                return
-            except queue.Full:
-                pass
-
-    def close(self, expected: int | None = None) -> Path:
-        """Finish encoding, close the file and move it onto the target; returns the target path. With
-        `expected`, a frame count other than that is an error (nothing is left at the target)."""
-        # Always: after an error the encoder thread drains the queue until it sees _STOP.
-        while self._thread.is_alive():
-            try:
-                self._queue.put(_STOP, timeout=0.1)
-                break
-            except queue.Full:
-                pass
-        self._thread.join()
-        if self.error is None and expected is not None and self.written != expected:
-            self.error = RuntimeError(f"wrote {self.written} frames, expected {expected}")
-        if self.error is not None:
-            self._discard()
-            raise self.error
-        try:
-            if self.passthrough is not None:
-                self.passthrough.close()
-            if self.container is not None:
-                self.container.close()
-            self._commit()
-        except BaseException:
-            self._discard()
-            raise
-        return self.path
-
-    def abort(self) -> None:
-        self._stop.set()
-        while True:
-            try:
-                self._queue.get_nowait()
-            except queue.Empty:
-                break
-        self._thread.join()
-        self._discard()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, *exc):
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
-
-    # -- encoder thread
-    def _run(self) -> None:
-        item = None
-        try:
-            while not self._stop.is_set():
-                try:
-                    item = self._queue.get(timeout=0.1)
-                except queue.Empty:
-                    continue
-                if item is _STOP:
-                    self._finish()
-                    return
-                self._encode(*item)
-                self.written += 1
-        except BaseException as exc:
-            self.error = exc
-            if item is _STOP:  # failed while finishing (the encoder's first packets, the header): close() waits
-                return
-            # Keep taking frames so a producer blocked on a full queue sees the error instead of hanging.
-            while not self._stop.is_set():
-                try:
-                    if self._queue.get(timeout=0.1) is _STOP:
-                        return
-                except queue.Empty:
-                    pass
-
-    def _encode(self, image: np.ndarray, pts: int) -> None:
-        if self.png:
-            # Level 1: several times faster than the default and only slightly larger.
-            Image.fromarray(image).save(self.tmp / (PNG_PATTERN % (self.written + 1)), compress_level=1)
-            return
         i420 = self.mode == "rgb" and image.ndim == 2
         if i420:
             frame = i420_frame(image)  # from_numpy_buffer gets heights that are 2 mod 4 wrong: see media/i420.py
@@ -418,28 +367,19 @@ class VideoWriter:
         if self.passthrough is not None:
             self.passthrough.pump(float(pts * self.info.time_base))
 
-    def _finish(self) -> None:
-        if self.png:
-            return
+    def finish(self) -> None:
+        """Flush the encoder (x264 holds frames back; the header can be written only now) and the source's rest."""
         self.container.mux(self.video.encode(None))
         if self.passthrough is not None:
             self.passthrough.finish()
 
-    # -- the temporary file
-    def _commit(self) -> None:
-        if not self.png:
-            os.replace(self.tmp, self.path)
-            return
-        if self.path.is_dir():
-            # An earlier sequence (checked to hold only frames) is swapped out, then removed.
-            old = _temp_beside(self.path, folder=True)
-            os.replace(self.path, old / "old")
-            os.replace(self.tmp, self.path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(self.tmp, self.path)
+    def commit(self) -> None:
+        if self.passthrough is not None:
+            self.passthrough.close()
+        self.container.close()
+        os.replace(self.tmp, self.path)
 
-    def _discard(self) -> None:
+    def discard(self) -> None:
         for closing in (self.passthrough, self.container):
             if closing is not None:
                 try:
@@ -447,7 +387,72 @@ class VideoWriter:
                 except Exception:  # already failing: the temporary file goes either way
                     pass
         self.passthrough = self.container = None
-        if self.tmp.is_dir():
-            shutil.rmtree(self.tmp, ignore_errors=True)
+        self.tmp.unlink(missing_ok=True)
+
+
+class VideoWriter:
+    """`write(image, pts)` frames (H x W x 3 RGB or (3H/2, W) I420 for mode "rgb", H x W x 4 RGBA, H x W grey
+    uint8, per `mode`), then `close()` to finish and rename onto the target, or `abort()` to leave nothing.
+    Encoding and muxing run in a thread (`Worker`) into a `PngSequence` or a `ContainerSink`, per the target; an
+    error there is raised by the next `write` or by `close`."""
+
+    def __init__(self, path: str | Path, info: VideoInfo, mode: str = "rgb", *, codec: str | None = None,
+                 crf: int | None = None, copy_from: str | None = None, queue_size: int = 8):
+        self.info = info
+        self.mode = mode
+        self.target = plan(path, mode, info.width, info.height, codec, crf)
+        self.path = self.target.path
+        self.warnings: list[str] = []
+        self.written = 0
+        for note in self.target.notes:
+            self._warn(note)
+        sink = PngSequence if self.target.format is None else ContainerSink
+        self._sink: Sink = sink(self.target, info, mode, copy_from, self._warn)
+        self._worker = Worker("rmbg-encode", self._run, queue_size)
+
+    @property
+    def error(self) -> BaseException | None:
+        """What failed in the encode thread, if anything."""
+        return self._worker.error
+
+    def _warn(self, text: str) -> None:
+        self.warnings.append(text)
+        log.warning("%s: %s", Path(self.info.path).name, text)
+
+    def write(self, image: np.ndarray, pts: int) -> None:
+        """Queue one frame (`pts` in the source's time base); waits while the queue is full."""
+        self._worker.put((image, pts))
+
+    def close(self, expected: int | None = None) -> Path:
+        """Finish encoding, close the file and move it onto the target; returns the target path. With
+        `expected`, a frame count other than that is an error (nothing is left at the target)."""
+        try:
+            self._worker.finish()
+            if expected is not None and self.written != expected:
+                raise RuntimeError(f"wrote {self.written} frames, expected {expected}")
+            self._sink.commit()
+        except BaseException:
+            self._sink.discard()
+            raise
+        return self.path
+
+    def abort(self) -> None:
+        self._worker.stop()
+        self._sink.discard()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, *exc):
+        if exc_type is None:
+            self.close()
         else:
-            self.tmp.unlink(missing_ok=True)
+            self.abort()
+
+    def _run(self, worker: Worker) -> None:
+        """The encode thread."""
+        for image, pts in worker.items():
+            self._sink.write(image, pts)
+            self.written += 1
+        if not worker.stopped:  # END from close(), not abort()
+            self._sink.finish()
