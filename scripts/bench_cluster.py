@@ -73,10 +73,11 @@ def main_bench() -> None:
         t0 = time.perf_counter()
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
         ray_start = time.perf_counter() - t0
+        cluster = ["--cluster", "--cluster-workers"]
         runs = {
             "single": base + ["-o", f"{tmp}/single"],
-            "cluster_1_worker": base + ["-o", f"{tmp}/c1", "--cluster", "--cluster-workers", "1", "--cluster-cpus", "2"],
-            "cluster_2_workers": base + ["-o", f"{tmp}/c2", "--cluster", "--cluster-workers", "2", "--cluster-cpus", "1"],
+            "cluster_1_worker": base + ["-o", f"{tmp}/c1", *cluster, "1", "--cluster-cpus", "2"],
+            "cluster_2_workers": base + ["-o", f"{tmp}/c2", *cluster, "2", "--cluster-cpus", "1"],
         }
         fps = {name: round(total / timed(argv), 2) for name, argv in runs.items()}
         ray.shutdown()
