@@ -30,6 +30,21 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                         "the model table, else legacy)")
 
 
+def add_cluster_args(p: argparse.ArgumentParser) -> None:
+    """`transcode --cluster`: rmbg_stream/cluster.py (needs the `cluster` extra, Ray)."""
+    g = p.add_argument_group("cluster (Ray; pip install 'rmbg-stream[cluster]')")
+    g.add_argument("--cluster", nargs="?", const="auto", default=None, metavar="ADDRESS",
+                   help="run on a Ray cluster: ADDRESS, else RAY_ADDRESS, else a local Ray instance; INPUT may also "
+                        "be a .txt file listing inputs; paths must be visible to every node")
+    g.add_argument("--cluster-workers", type=int, default=0,
+                   help="worker actors (default: one per GPU, else CPUs / --cluster-cpus)")
+    g.add_argument("--cluster-cpus", type=float, default=1.0, help="CPUs per worker without GPUs (default: 1)")
+    g.add_argument("--segment-seconds", type=float, default=60.0,
+                   help="videos longer than this are cut at keyframes into segments run in parallel (default: 60)")
+    g.add_argument("--retries", type=int, default=2,
+                   help="times a file or segment is run again after its worker died (default: 2)")
+
+
 def cmd_image(args) -> int:
     from . import image
     from .engine.composite import parse_background
@@ -99,6 +114,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.add_argument("--json", action="store_true", help="print a JSON summary at the end")
     add_model_args(p)
+    add_cluster_args(p)
     p.set_defaults(func=cmd_transcode)
 
     # -- serve (rmbg_stream/server/)

@@ -88,11 +88,16 @@ def default_background(output: str | Path) -> Background:
 
 def transcode(engine: Engine, src: str | Path, dest: str | Path, *, background: Background | None = None,
               mask: bool = False, smoothing: float = 0.5, decontaminate: bool = False, codec: str | None = None,
-              crf: int | None = None, on_frame=None, allow_truncated: bool = False) -> Summary:
+              crf: int | None = None, on_frame=None, allow_truncated: bool = False, open_reader=None,
+              keep_from: int | None = None) -> Summary:
     """One file. Raises MediaError for an unusable input (a truncated one too, unless `allow_truncated`: then
     what could be read is kept, with a warning), ValueError for an impossible output, anything else for failures
     along the way; in every case nothing is left at `dest`. `on_frame(done, total)` is called after each frame is
-    handed to the encoder (progress; an exception there aborts cleanly)."""
+    handed to the encoder (progress; an exception there aborts cleanly).
+
+    A part of a file (`cluster` segments): `open_reader(prefer_yuv)` gives a reader like VideoReader (`info`,
+    `yuv`, `spec`, `decoded`, `truncated`, iteration, `close`); results before pts `keep_from` (the run-in that
+    gives temporal smoothing its history) are dropped, and no audio or subtitles are copied."""
     src, dest = Path(src), Path(dest)
     if dest.exists() and src.exists() and dest.resolve() == src.resolve():
         raise ValueError(f"{dest}: the output would overwrite the input")
@@ -103,8 +108,9 @@ def transcode(engine: Engine, src: str | Path, dest: str | Path, *, background: 
     # Straight from the decoder's 4:2:0 planes to the encoder's when both sides are 8-bit 4:2:0: no RGB conversion
     # on the way in or out (on the CPU those two cost about as much as the chroma keyer itself).
     target = plan(dest, mode, 2, 2, codec, crf)  # an impossible output fails before any decoding
-    reader = VideoReader(src, prefer_yuv=mode == "gray" or (mode == "rgb" and target.pix_fmt == "yuv420p"),
-                         allow_truncated=allow_truncated)
+    prefer_yuv = mode == "gray" or (mode == "rgb" and target.pix_fmt == "yuv420p")
+    reader = (open_reader(prefer_yuv) if open_reader is not None
+              else VideoReader(src, prefer_yuv=prefer_yuv, allow_truncated=allow_truncated))
     info = reader.info
     bg_video = writer = stream = feeder = None
     committed = False
@@ -125,7 +131,7 @@ def transcode(engine: Engine, src: str | Path, dest: str | Path, *, background: 
     try:
         if background.kind == "video" and not mask:
             bg_video = LoopingVideo(background.path)
-        writer = VideoWriter(dest, info, mode, codec=codec, crf=crf, copy_from=str(src))
+        writer = VideoWriter(dest, info, mode, codec=codec, crf=crf, copy_from=None if open_reader else str(src))
         options = StreamOptions(background=background, smoothing=smoothing, image=not mask, alpha=mask,
                                 decontaminate=decontaminate)
         stream = engine.open_stream(live=False, options=options, background_source=bg_video,
@@ -134,6 +140,8 @@ def transcode(engine: Engine, src: str | Path, dest: str | Path, *, background: 
         feeder.start()
         done = 0
         while (r := stream.get()) is not None:
+            if keep_from is not None and r.pts < keep_from:
+                continue
             writer.write(r.alpha if mask else r.image, r.pts)
             done += 1
             if on_frame is not None:
@@ -201,6 +209,10 @@ def _on_sigterm(signum, frame):
 
 
 def run_cli(args) -> int:
+    if getattr(args, "cluster", None) is not None:
+        from .cluster import run_cli as run_cluster
+
+        return run_cluster(args)
     src, dest = Path(args.input), Path(args.output)
     fmt = getattr(args, "format", None)
     if not src.exists():
