@@ -130,12 +130,10 @@ def test_folder_and_long_clip_equal_single_process_frame_for_frame_with_smoothin
 def test_smoothing_crosses_segment_boundaries_within_codec_noise_from_a_list_of_inputs(long_clip, tmp_path):
     listing = tmp_path / "inputs.txt"
     listing.write_text(f"# one a line\n{long_clip}\n\n")
-    # --batch 1 on both sides: the engine smooths the frames of one stream that share a batch against the same
-    # previous state (not one after the other), so with larger batches even two single-process runs can differ
-    # where the batches fall differently; that is the engine's, not the segments'.
-    rc, report = cli(listing, "-o", tmp_path / "out", "--smoothing", "0.5", "--batch", "1")
+    # Default batches on both sides: smoothing does not depend on how frames fall into batches (test_engine).
+    rc, report = cli(listing, "-o", tmp_path / "out", "--smoothing", "0.5")
     assert rc == 0 and report["frames_out"] == 120
-    assert cli(long_clip, "-o", tmp_path / "single.mp4", "--smoothing", "0.5", "--batch", "1", cluster=False)[0] == 0
+    assert cli(long_clip, "-o", tmp_path / "single.mp4", "--smoothing", "0.5", cluster=False)[0] == 0
     got, times, _ = read_video(tmp_path / "out" / "long.mp4")
     ref, ref_times, _ = read_video(tmp_path / "single.mp4")
     assert times == ref_times
