@@ -227,7 +227,8 @@ def test_verbose_prints_each_hub_log_line_once(tmp_path):
         "import logging, sys\n"
         "import rmbg_stream.cli as cli\n"
         "def command(args):\n"
-        "    logging.getLogger('huggingface_hub.utils._http').warning('Retrying in 1s [Retry 1/5].')\n"
+        "    from huggingface_hub.utils import logging as hf_logging\n"  # imported as a download would
+        "    hf_logging.get_logger('huggingface_hub.utils._http').warning('Retrying in 1s [Retry 1/5].')\n"
         "    return 0\n"
         "cli.cmd_image = command\n"
         "sys.exit(cli.main(['-v', 'image', 'in.png', '-o', 'out.png']))\n"
