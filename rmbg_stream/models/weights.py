@@ -271,11 +271,9 @@ def hub_file(repo_id: str, cache_dir: str | os.PathLike | None) -> Path:
         # Once the hub proved unreachable, look only in the cache.
         local_only = offline or unreachable is not None
         try:
-            if not local_only:
-                announce(repo_id, filename, cache_dir)
+            if not local_only and (failed := announce(repo_id, filename, cache_dir)) is not None:
+                unreachable, local_only = failed, True  # this file may still be in the cache
             path = Path(hf_hub_download(repo_id, filename, cache_dir=cache_dir, local_files_only=local_only))
-        except Unreachable as e:
-            unreachable = e
         except GatedRepoError as e:
             raise WeightsError(denied(repo_id)) from e
         except RepositoryNotFoundError as e:
@@ -317,16 +315,17 @@ def hub_file(repo_id: str, cache_dir: str | os.PathLike | None) -> Path:
 
 
 class Unreachable(ConnectionError):
-    """The hub did not answer the first request for a file (its cause says why); the cache may still hold it."""
+    """The hub did not answer the first request for a file (the message says why); the cache may still hold it."""
 
 
-def announce(repo_id: str, filename: str, cache_dir: str | os.PathLike | None) -> None:
+def announce(repo_id: str, filename: str, cache_dir: str | os.PathLike | None) -> Unreachable | None:
     """Asks the hub for the file's metadata once, and says what is about to be downloaded and how large it is.
 
     One HEAD request with a short timeout and none of the hub client's retries: hf_hub_download, on a network
     error or a 429/5xx, asks again with back-off (1+2+4+8+8 s in huggingface_hub 2.4), so an unreachable hub cost
-    25-35 s before its error. Raises Unreachable for those, and the hub's own errors (missing repo or file, gated)
-    as hf_hub_download would. Nothing is printed when the file of that commit is already in the cache.
+    25-35 s before its error. Returns Unreachable for those (the cache may still hold the file), and raises the
+    hub's own errors (missing repo or file, gated) as hf_hub_download would. Nothing is printed when the file of
+    that commit is already in the cache.
     """
     from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url, try_to_load_from_cache
     from huggingface_hub.utils import HfHubHTTPError
@@ -335,19 +334,20 @@ def announce(repo_id: str, filename: str, cache_dir: str | os.PathLike | None) -
         meta = get_hf_file_metadata(hf_hub_url(repo_id, filename), timeout=probe_timeout())
     except HfHubHTTPError as e:
         if http_status(e) in RETRIED_STATUSES:
-            raise Unreachable(brief(e)) from e
+            return Unreachable(brief(e))
         raise
     except Exception as e:  # the transport's own errors (refused, timed out, DNS, TLS), whatever its library
         slow = "Timeout" in type(e).__name__ or isinstance(e, TimeoutError)
         hint = f" after {probe_timeout():g} s; on a slow connection set HF_HUB_ETAG_TIMEOUT=30" if slow else ""
-        raise Unreachable(brief(e) + hint) from e
+        return Unreachable(brief(e) + hint)
     if meta.commit_hash and isinstance(
         try_to_load_from_cache(repo_id, filename, cache_dir=cache_dir, revision=meta.commit_hash), str
     ):
-        return
+        return None
     size = f" ({human_size(meta.size)})" if meta.size else ""
     print(f"downloading {repo_id}/{filename}{size} from {constants.ENDPOINT} into the Hugging Face cache, once",
           file=sys.stderr, flush=True)
+    return None
 
 
 def probe_timeout() -> float:
