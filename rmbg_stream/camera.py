@@ -106,16 +106,37 @@ class VirtualCamera:
         self.cam.close()
 
 
+HEADLESS_OPENCV = ("opencv-python-headless", "opencv-contrib-python-headless")
+BROWSER_INSTEAD = "or see the result in a browser instead: `rmbg-stream serve`, then open http://127.0.0.1:8080"
+
+
+def window_hint(reason: str) -> str:
+    """Why no window could open, and how to get one: the headless OpenCV build (this package's own dependency)
+    has no GUI at all, so say so and how to switch, rather than only "not implemented"."""
+    from importlib import metadata
+
+    for name in HEADLESS_OPENCV:
+        try:
+            metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+        gui = name.replace("-headless", "")
+        return (f"window output needs OpenCV with GUI support, but the headless build ({name}) is installed: "
+                f"switch with `pip uninstall {name}`, then `pip install {gui}`; {BROWSER_INSTEAD}")
+    return f"cannot open a window ({reason}); {BROWSER_INSTEAD}"
+
+
 class Window:
     def __init__(self):
-        import cv2
-
+        try:
+            import cv2
+        except ImportError:
+            raise CameraError(f"window output needs OpenCV: `pip install opencv-python`; {BROWSER_INSTEAD}") from None
         self.cv2 = cv2
         try:
             cv2.namedWindow("rmbg-stream")
-        except cv2.error:
-            raise CameraError("window output needs OpenCV with GUI support: pip install opencv-python "
-                              "(this install has the headless build)") from None
+        except cv2.error as exc:
+            raise CameraError(window_hint(str(exc).strip().splitlines()[-1][:160])) from None
         self.name = "window"
 
     def send(self, result: Result) -> None:
@@ -161,10 +182,11 @@ def open_output(kind: str, width: int, height: int, fps: float, transparent: boo
         return VirtualCamera(width, height, fps)
     if kind == "window":
         return Window()
-    from .media.writer import alpha_capable
+    from .media.writer import alpha_capable, check_folder
 
     if transparent and not alpha_capable(kind):
         raise CameraError(f"{kind}: transparent output needs .mov, .webm or a PNG folder")
+    check_folder(kind)  # a file where its folder should be is one line here, not an OSError traceback
     return FileOutput(kind, width, height, fps, transparent)
 
 
@@ -194,6 +216,8 @@ def run(make_backend, source: str | None, output: str, background: str, smoothin
     """Capture -> engine -> output until the input ends or Ctrl-C. Devices are opened before the model is
     loaded, so a missing camera or virtual camera is reported at once."""
     bg = parse_background(background)
+    if bg.kind == "video":  # the live stream has no background source: it would be silently left out
+        raise CameraError("camera takes no video background: use a colour, an image, blur or transparent")
     capture = Capture(source, fps, size)
     sink = engine = None
     latest: list[Result] = []
@@ -259,6 +283,12 @@ def run_cli(args) -> int:
             size = (w, h)
         except ValueError:
             raise ValueError(f"--size must be WxH, e.g. 1280x720, got {args.size!r}") from None
+        if min(size) < 1:
+            raise ValueError(f"--size must be positive, got {args.size!r}")
+    if not 0.0 <= args.smoothing <= 1.0:
+        raise ValueError(f"--smoothing must be within 0..1, got {args.smoothing}")
+    if args.fps is not None and not args.fps > 0:
+        raise ValueError(f"--fps must be above 0, got {args.fps}")
     try:
         run(lambda: build_backend(args), args.input, args.output, args.background, args.smoothing, args.fps, size)
     except CameraError as exc:

@@ -6,9 +6,23 @@ import argparse
 import logging
 import sys
 
+from . import __version__
 from .engine.setup import build_backend, check_background
 
 DEFAULT_MODEL = "briaai/RMBG-2.0"
+DESCRIPTION = """\
+Remove or replace the background of pictures, video files and live video with RMBG-2.0 / BiRefNet.
+The first run downloads the model (about 900 MB) from the Hugging Face hub; RMBG-2.0 is gated: accept its licence
+at https://huggingface.co/briaai/RMBG-2.0 and set HF_TOKEN first, or pass --model FILE, or --model chroma for a
+green screen (no model at all).
+
+examples:
+  rmbg-stream image photo.jpg -o cut.png                 a cut-out with transparency
+  rmbg-stream transcode talk.mp4 -o talk.webm            a video without its background (audio kept)
+  rmbg-stream serve                                      the browser page, at http://127.0.0.1:8080
+  rmbg-stream camera --output window --background blur   the local camera, background blurred, in a window
+
+`rmbg-stream COMMAND --help` lists each command's options."""
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -81,12 +95,20 @@ def cmd_camera(args) -> int:
     return run_cli(args)
 
 
-def make_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rmbg-stream", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="store_true")
-    sub = parser.add_subparsers(dest="command", required=True)
+def command(sub, name: str, text: str) -> argparse.ArgumentParser:
+    """A subcommand whose one-line summary is also the top of its own --help."""
+    return sub.add_parser(name, help=text, description=text)
 
-    p = sub.add_parser("image", help="remove the background of images (files or folders)")
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rmbg-stream", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="log more: model loading, hub requests, WebRTC connection states, HTTP access log")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, help="what to do; each command has its own --help")
+
+    p = command(sub, "image", "remove the background of images (files or folders)")
     p.add_argument("inputs", nargs="+", help="image files or folders")
     p.add_argument("-o", "--output", required=True, help="output file (one input) or folder")
     p.add_argument("--mask", action="store_true", help="write the grey mask instead of a cut-out")
@@ -95,7 +117,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_image)
 
     # -- transcode (rmbg_stream/transcode.py)
-    p = sub.add_parser("transcode", help="replace or remove the background of video files (audio kept)")
+    p = command(sub, "transcode", "replace or remove the background of video files (audio kept)")
     p.add_argument("input", help="video file or folder")
     p.add_argument("-o", "--output", required=True, help="output file (.mp4 .mkv .mov .webm, or a folder for PNGs)")
     p.add_argument("--background", default=None,
@@ -107,7 +129,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--smoothing", type=float, default=0.5, help="temporal smoothing 0..1 (default: %(default)s)")
     p.add_argument("--batch", type=int, default=4, help="frames per network batch (default: %(default)s)")
     p.add_argument("--codec", default=None, help="video codec (default: by container)")
-    p.add_argument("--crf", type=int, default=None, help="quality for x264/x265/VP9 (lower is better)")
+    p.add_argument("--crf", type=int, default=None,
+                   help="quality for x264/x265/VP9, lower is better (default: the codec's own)")
     p.add_argument("--decontaminate", action="store_true", help="clean the old background's colour off edges")
     p.add_argument("--allow-truncated", action="store_true",
                    help="keep what can be read of an input that ends before its container says (default: an error)")
@@ -118,43 +141,60 @@ def make_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_transcode)
 
     # -- serve (rmbg_stream/server/)
-    p = sub.add_parser("serve", help="live server: browser page, WebRTC, WebSocket, OBS source")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8080)
+    p = command(sub, "serve", "live server: browser page, WebRTC, WebSocket, OBS source")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on; 0.0.0.0 for every address (needs --token) (default: %(default)s)")
+    p.add_argument("--port", type=int, default=8080, help="TCP port, 0 for any free one (default: %(default)s)")
     p.add_argument("--background", default="blur", help="what a new session starts with (default: %(default)s)")
-    p.add_argument("--max-sessions", type=int, default=8)
-    p.add_argument("--token", default=None, help="required when binding to a non-loopback address")
+    p.add_argument("--max-sessions", type=int, default=8,
+                   help="cameras and OBS views served at once; more are refused (default: %(default)s)")
+    p.add_argument("--token", default=None,
+                   help="secret that clients must send; required when binding to a non-loopback address "
+                        "(default: none)")
     p.add_argument("--batch", type=int, default=4, help="max frames per network batch (default: %(default)s)")
     p.add_argument("--tls", choices=["self-signed"], default=None,
                    help="serve HTTPS with a certificate made at start for this machine's names and addresses (its "
                         "fingerprint is printed): browsers on other machines get the camera only over HTTPS "
                         "(default: plain HTTP)")
-    p.add_argument("--tls-cert", metavar="FILE", default=None, help="serve HTTPS with this PEM certificate (chain)")
-    p.add_argument("--tls-key", metavar="FILE", default=None, help="the PEM private key of --tls-cert")
+    p.add_argument("--tls-cert", metavar="FILE", default=None,
+                   help="serve HTTPS with this PEM certificate (chain) (default: none)")
+    p.add_argument("--tls-key", metavar="FILE", default=None, help="the PEM private key of --tls-cert (default: none)")
     add_model_args(p)
     p.set_defaults(func=cmd_serve)
 
     # -- camera (rmbg_stream/camera.py)
-    p = sub.add_parser("camera", help="local camera to a virtual camera, a file or a window")
+    p = command(sub, "camera", "local camera to a virtual camera, a file or a window")
     p.add_argument("--input", default=None, help="camera device, video file or URL (default: the first camera)")
     p.add_argument("--output", default="vcam", help="vcam, window, or an output file (default: %(default)s)")
-    p.add_argument("--background", default="blur")
-    p.add_argument("--smoothing", type=float, default=0.5)
-    p.add_argument("--fps", type=float, default=None, help="capture/output frame rate")
-    p.add_argument("--size", default=None, metavar="WxH", help="capture size")
+    p.add_argument("--background", default="blur",
+                   help="COLOR, IMAGE, blur[:S], or transparent for a .mov/.webm/PNG output "
+                        "(default: %(default)s)")
+    p.add_argument("--smoothing", type=float, default=0.5, help="temporal smoothing 0..1 (default: %(default)s)")
+    p.add_argument("--fps", type=float, default=None, help="capture/output frame rate (default: the input's)")
+    p.add_argument("--size", default=None, metavar="WxH", help="capture size (default: the camera's)")
     add_model_args(p)
     p.set_defaults(func=cmd_camera)
     return parser
 
 
+def setup_logging(verbose: bool) -> None:
+    """One handler, on the root logger, for every library: each line is printed once."""
+    from huggingface_hub.utils import logging as hf_logging
+
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s: %(message)s")
+    # huggingface_hub gives its loggers a handler of their own and still propagates to the root: with -v every line
+    # of it came out twice, plain and as "WARNING: ...".
+    hub = hf_logging.get_logger()
+    for handler in list(hub.handlers):
+        hub.removeHandler(handler)
+    if not verbose:
+        # The hub client logs every retry; the one line that matters is the WeightsError we print.
+        hf_logging.set_verbosity_error()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s: %(message)s")
-    if not args.verbose:
-        # The hub client logs every retry; the one line that matters is the WeightsError we print.
-        from huggingface_hub.utils import logging as hf_logging
-
-        hf_logging.set_verbosity_error()
+    setup_logging(args.verbose)
     from .models.weights import WeightsError
 
     try:

@@ -23,7 +23,7 @@ from .engine.engine import Engine, StreamOptions
 from .engine.setup import build_backend
 from .media.background import LoopingVideo
 from .media.reader import VIDEO_SUFFIXES, MediaError, VideoReader
-from .media.writer import VideoWriter, alpha_capable, plan
+from .media.writer import VideoWriter, alpha_capable, check_folder, plan
 from .tuning import share_cpu
 
 DEFAULT_COLOR = "#00b140"  # broadcast chroma green: what the output is keyed on again downstream
@@ -227,8 +227,11 @@ def run_cli(args) -> int:
         backgrounds[out] = bg
         mode = "gray" if args.mask else ("rgba" if bg.kind == "transparent" else "rgb")
         plan(out, mode, 2, 2, args.codec, args.crf)  # impossible combinations fail now, before the model loads
+        check_folder(out)
     if not 0.0 <= args.smoothing <= 1.0:
         raise ValueError(f"--smoothing must be within 0..1, got {args.smoothing}")
+    # Inputs that do not open are reported now: a lone bad file never waits for the model (or the hub) first.
+    unreadable = {inp: s for inp, _ in pairs if (s := _probe(inp)) is not None}
 
     previous = None
     if threading.current_thread() is threading.main_thread():
@@ -236,12 +239,15 @@ def run_cli(args) -> int:
     summaries: list[Summary] = []
     t0 = time.perf_counter()
     try:
-        backend = build_backend(args)
-        share_cpu(backend)
-        with Engine(backend, max_batch=max(1, args.batch), max_wait_ms=4) as engine:
-            for i, (inp, out) in enumerate(pairs):
-                name = inp.name if len(pairs) == 1 else f"[{i + 1}/{len(pairs)}] {inp.name}"
-                summaries.append(_one(engine, args, inp, out, backgrounds[out], name))
+        if len(unreadable) == len(pairs):
+            summaries = list(unreadable.values())
+        else:
+            backend = build_backend(args)
+            share_cpu(backend)
+            with Engine(backend, max_batch=max(1, args.batch), max_wait_ms=4) as engine:
+                for i, (inp, out) in enumerate(pairs):
+                    name = inp.name if len(pairs) == 1 else f"[{i + 1}/{len(pairs)}] {inp.name}"
+                    summaries.append(unreadable.get(inp) or _one(engine, args, inp, out, backgrounds[out], name))
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
@@ -274,16 +280,30 @@ def _one(engine, args, inp: Path, out: Path, background: Background, name: str) 
                       decontaminate=args.decontaminate, codec=args.codec, crf=args.crf, on_frame=progress.update,
                       allow_truncated=getattr(args, "allow_truncated", False))
     except (MediaError, ValueError, RuntimeError, OSError, av.error.FFmpegError) as exc:
-        text = str(exc) if str(exc).startswith(str(inp)) else f"{inp}: {exc}"
-        print(f"error: {text}", file=sys.stderr)
-        # A bad option or output (exit 2 for a single file) rather than a bad input or a failure on the way.
-        status = "invalid" if isinstance(exc, ValueError) and not isinstance(exc, av.error.FFmpegError) else "error"
-        return Summary(str(inp), None, status=status, error=str(exc))
+        return _failed(inp, exc)
     finally:
         progress.close()
     if not args.quiet:
         print(f"{inp} -> {out}: {s.frames_out} frames in {s.seconds:.1f} s ({s.fps:.1f} fps)", file=sys.stderr)
     return s
+
+
+def _failed(inp: Path, exc: BaseException) -> Summary:
+    """The one line for a file that failed, printed, and its summary."""
+    text = str(exc) if str(exc).startswith(str(inp)) else f"{inp}: {exc}"
+    print(f"error: {text}", file=sys.stderr)
+    # A bad option or output (exit 2 for a single file) rather than a bad input or a failure on the way.
+    status = "invalid" if isinstance(exc, ValueError) and not isinstance(exc, av.error.FFmpegError) else "error"
+    return Summary(str(inp), None, status=status, error=str(exc))
+
+
+def _probe(inp: Path) -> Summary | None:
+    """None when `inp` opens and its first frame decodes; else the failure, reported."""
+    try:
+        VideoReader(inp).close()
+    except (MediaError, OSError, av.error.FFmpegError) as exc:
+        return _failed(inp, exc)
+    return None
 
 
 def _fail_early(args, src: Path, text: str) -> int:

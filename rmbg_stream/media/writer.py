@@ -138,6 +138,18 @@ def c_strides(a: np.ndarray) -> np.ndarray:
     return a if a.strides == strides else a.copy()
 
 
+def check_folder(dest: str | Path) -> None:
+    """ValueError (one line) unless the folder `dest` is written in exists, or can be made, and is writable: the
+    front ends call it before the model loads; the writer makes the folder later."""
+    for folder in Path(dest).absolute().parents:
+        if folder.exists():
+            if not folder.is_dir():
+                raise ValueError(f"{dest}: {folder} is a file, not a folder")
+            if not os.access(folder, os.W_OK | os.X_OK):
+                raise ValueError(f"{dest}: cannot write in {folder} (permission denied)")
+            return
+
+
 def _temp_beside(dest: Path, folder: bool) -> Path:
     """A new hidden name beside `dest` (same filesystem, so the final rename is atomic), created with the
     usual permissions rather than mkstemp's private ones."""

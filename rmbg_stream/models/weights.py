@@ -18,6 +18,7 @@ import logging
 import math
 import os
 import re
+import sys
 import warnings
 import zipfile
 from collections.abc import Mapping
@@ -43,6 +44,10 @@ PREFIXES = ("module.", "_orig_mod.")
 PATCH_KEY = "bb.patch_embed.proj.weight"
 STAGE3_BLOCK = re.compile(r"^bb\.layers\.2\.blocks\.(\d+)\.")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# Seconds for the hub's first answer (a HEAD on huggingface.co takes well under one), so that a hub out of reach
+# fails fast. huggingface_hub 2.4 adds up to 3 s of its own before it (an agent list it fetches once a day).
+PROBE_TIMEOUT = 3.0
+RETRIED_STATUSES = (429, 500, 502, 503, 504)  # what hf_hub_download would retry for ~25 s: the hub is unavailable
 LOGIN = "set HF_TOKEN (or log in with `hf auth login`, `huggingface-cli login` on older huggingface_hub)"
 # The decoder's image-patch convolutions whose input channels depend on the patch order (ipt_blk1 sees a 1x1 grid).
 PATCH_KEYS = tuple(f"decoder.ipt_blk{i}.conv1.weight" for i in (2, 3, 4, 5))
@@ -263,9 +268,11 @@ def hub_file(repo_id: str, cache_dir: str | os.PathLike | None) -> Path:
     offline = hub_offline()
     unreachable: Exception | None = None
     for filename in HUB_FILES:
-        # Once the hub proved unreachable, look only in the cache: each online try retries for ~20 s.
+        # Once the hub proved unreachable, look only in the cache.
         local_only = offline or unreachable is not None
         try:
+            if not local_only and (failed := announce(repo_id, filename, cache_dir)) is not None:
+                unreachable, local_only = failed, True  # this file may still be in the cache
             path = Path(hf_hub_download(repo_id, filename, cache_dir=cache_dir, local_files_only=local_only))
         except GatedRepoError as e:
             raise WeightsError(denied(repo_id)) from e
@@ -293,7 +300,8 @@ def hub_file(repo_id: str, cache_dir: str | os.PathLike | None) -> Path:
             return path
     if unreachable is not None:
         spec = lookup(repo_id)
-        why = "HF_HUB_OFFLINE is set" if offline else brief(unreachable.__cause__ or unreachable)
+        why = ("HF_HUB_OFFLINE is set" if offline else str(unreachable) if isinstance(unreachable, Unreachable)
+               else brief(unreachable.__cause__ or unreachable))
         then = f"; it is gated: accept the licence at {spec.url} and {LOGIN} first" if spec and spec.gated else ""
         raise WeightsError(
             f"could not reach the Hugging Face hub for {repo_id} ({why}) and it is not in the local cache: "
@@ -306,19 +314,75 @@ def hub_file(repo_id: str, cache_dir: str | os.PathLike | None) -> Path:
     )
 
 
+class Unreachable(ConnectionError):
+    """The hub did not answer the first request for a file (the message says why); the cache may still hold it."""
+
+
+def announce(repo_id: str, filename: str, cache_dir: str | os.PathLike | None) -> Unreachable | None:
+    """Asks the hub for the file's metadata once, and says what is about to be downloaded and how large it is.
+
+    One HEAD request with a short timeout and none of the hub client's retries: hf_hub_download, on a network
+    error or a 429/5xx, asks again with back-off (1+2+4+8+8 s in huggingface_hub 2.4), so an unreachable hub cost
+    25-35 s before its error. Returns Unreachable for those (the cache may still hold the file), and raises the
+    hub's own errors (missing repo or file, gated) as hf_hub_download would. Nothing is printed when the file of
+    that commit is already in the cache.
+    """
+    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url, try_to_load_from_cache
+    from huggingface_hub.utils import HfHubHTTPError
+
+    try:
+        meta = get_hf_file_metadata(hf_hub_url(repo_id, filename), timeout=probe_timeout())
+    except HfHubHTTPError as e:
+        if http_status(e) in RETRIED_STATUSES:
+            return Unreachable(brief(e))
+        raise
+    except Exception as e:  # the transport's own errors (refused, timed out, DNS, TLS), whatever its library
+        slow = "Timeout" in type(e).__name__ or isinstance(e, TimeoutError)
+        hint = f" after {probe_timeout():g} s; on a slow connection set HF_HUB_ETAG_TIMEOUT=30" if slow else ""
+        return Unreachable(brief(e) + hint)
+    if meta.commit_hash and isinstance(
+        try_to_load_from_cache(repo_id, filename, cache_dir=cache_dir, revision=meta.commit_hash), str
+    ):
+        return None
+    size = f" ({human_size(meta.size)})" if meta.size else ""
+    print(f"downloading {repo_id}/{filename}{size} from {constants.ENDPOINT} into the Hugging Face cache, once",
+          file=sys.stderr, flush=True)
+    return None
+
+
+def probe_timeout() -> float:
+    """Seconds to wait for the hub's first answer: HF_HUB_ETAG_TIMEOUT when set, else PROBE_TIMEOUT."""
+    try:
+        return float(os.environ.get("HF_HUB_ETAG_TIMEOUT") or PROBE_TIMEOUT)
+    except ValueError:
+        return PROBE_TIMEOUT
+
+
+def human_size(n: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} bytes"
+
+
 def fetch_code(repo_id: str, weights: Path, cache_dir: str | os.PathLike | None) -> None:
     """Put the repo's bundled *.py beside `weights` (same commit): it tells the patch order, read as text only.
 
     A repo without code, or a failure here, only costs that hint: the registry's entry is used instead.
     """
     from huggingface_hub import snapshot_download
+    from huggingface_hub.utils import tqdm
+
+    class Quiet(tqdm):  # a few kB of code: its "Fetching N files" bars would only clutter the weights' own bar
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **{**kwargs, "disable": True})
 
     if any(weights.parent.glob("*.py")):
         return  # fetched with the weights before; saves a round trip to the hub on every load
     # hf_hub_download returned .../snapshots/<commit>/<file>: pin that commit so code and weights match.
     commit = weights.parent.name if re.fullmatch(r"[0-9a-f]{40}", weights.parent.name) else None
     try:
-        snapshot_download(repo_id, revision=commit, cache_dir=cache_dir, allow_patterns=["*.py"])
+        snapshot_download(repo_id, revision=commit, cache_dir=cache_dir, allow_patterns=["*.py"], tqdm_class=Quiet)
     except Exception as e:
         log.warning("could not fetch the code bundled with %s (%s), which tells its patch order", repo_id, brief(e))
 

@@ -37,7 +37,7 @@ from ..engine.engine import Engine
 from ..engine.setup import build_backend
 from ..tuning import tune_server
 from . import aiortc_patches, metrics, tls, webrtc, websocket
-from .sessions import ControlError, Full, SessionManager
+from .sessions import EVENTS, ControlError, Full, SessionManager
 from .untrusted import TooDeep, loads_json
 
 log = logging.getLogger(__name__)
@@ -48,6 +48,8 @@ WEB_DIR = next((d for d in (Path(__file__).resolve().parents[1] / "web", Path(__
 OFFER_LIMIT = 64 * 1024
 MANAGER = web.AppKey("manager", SessionManager)
 _QUERY_PARAM = re.compile(r"(?<=[?&;])([^=&;#\s\"]+)=[^&;#\s\"]*")
+# Requests whose refusal is logged (the page's own files are not: a missing favicon is no event).
+API_PATHS = ("/offer", "/ws", "/session/", "/metrics")
 _HOST = re.compile(r"(?:\[(?P<ip6>[0-9A-Fa-f:.]+)\]|[A-Za-z0-9._-]+)(?::(?P<port>[0-9]{0,5}))?")
 
 
@@ -81,11 +83,19 @@ async def errors_as_json(request: web.Request, handler):
         check_host(request.host)
         response = await handler(request)
     except web.HTTPException as exc:
-        if exc.status < 400 or exc.content_type == "application/json":
+        if exc.status < 400:
             raise
-        message = exc.text if exc.text and not exc.text.startswith(f"{exc.status}:") else exc.reason
-        if exc.status == 413:
-            message = f"request body too large ({exc.text})"
+        if exc.content_type == "application/json":
+            message = json.loads(exc.text)["error"]
+        else:
+            message = exc.text if exc.text and not exc.text.startswith(f"{exc.status}:") else exc.reason
+            if exc.status == 413:
+                message = f"request body too large ({exc.text})"
+        if request.path.startswith(API_PATHS):  # the path only: the query may hold the token
+            EVENTS.info("refused %s %s from %s: %d %s", request.method, request.path, request.remote, exc.status,
+                        message)
+        if exc.content_type == "application/json":
+            raise
         return web.json_response({"error": message}, status=exc.status)
     response.headers.setdefault("X-Content-Type-Options", "nosniff")
     response.headers.setdefault("Referrer-Policy", "no-referrer")  # page URLs may carry ?token=
@@ -321,6 +331,15 @@ def is_loopback(host: str) -> bool:
         return False  # a name: it may resolve to anything
 
 
+def log_events() -> None:
+    """Sessions opened and closed and requests refused, one line each on stderr with the time, at any -v."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+    EVENTS.addHandler(handler)
+    EVENTS.setLevel(logging.INFO)
+    EVENTS.propagate = False  # printed once, not again by the root handler under -v
+
+
 def listen(host: str, port: int) -> list[socket.socket]:
     """Listening sockets on every address of `host`, opened before the model loads and the banner is printed, so
     that a port out of range (ValueError) or in use (OSError) is one line at once, not a traceback after it."""
@@ -389,6 +408,7 @@ def serve(args, background: Background, socks: list[socket.socket], secure: tls.
         aiortc_patches.keep_media_on_loopback()
     backend = build_backend(args)
     tune_server(backend.device)
+    log_events()
     engine = Engine(backend, max_batch=args.batch, max_wait_ms=4)
     config = Config(token=args.token, max_sessions=args.max_sessions, background=background, model=args.model)
     print(startup_lines(args.host, socks[0].getsockname()[1], args.token, secure), flush=True)

@@ -34,6 +34,8 @@ from .metrics import Histogram, Meter
 from .untrusted import TooDeep, error_text, loads_json
 
 log = logging.getLogger(__name__)
+# What an operator wants at the default level: sessions opened and closed, requests refused; one line each.
+EVENTS = logging.getLogger("rmbg_stream.server.events")
 
 UPLOAD_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
 UPLOAD_MAX_PIXELS = 50_000_000  # checked on the header, before anything is decoded
@@ -181,6 +183,7 @@ class Session:
         self.fps_in, self.fps_out = Meter(), Meter()
         self.latency = Histogram()
         self.received = self.skipped = self.sent = self.superseded = 0
+        self.size: tuple[int, int] | None = None  # (width, height) of the client's latest frame
         self.tasks: set[asyncio.Task] = set()
         self.on_close: list[Callable] = []
         self.stream = None
@@ -201,6 +204,7 @@ class Session:
         """Called on the event loop with a decoded frame (av.VideoFrame or RGB array); never blocks."""
         if self.paused or self.closed:
             return
+        self.size = (frame.width, frame.height) if isinstance(frame, av.VideoFrame) else frame.shape[1::-1]
         spec = None
         if self.stream.yuv:
             spec = spec_of(frame)
@@ -385,7 +389,10 @@ class Session:
         if self.upload is not None:
             self.manager.discard_upload(self.upload)
         await asyncio.gather(*tasks, return_exceptions=True)
-        log.info("session %s (%s) closed", self.id, self.kind)
+        seconds = time.monotonic() - self.created
+        size = "{}x{}".format(*self.size) if self.size else "no frames"
+        EVENTS.info("session %s closed: %s, %s, %d frames in, %d out in %.1f s (%.1f fps), %d dropped", self.id[:6],
+                    self.kind, size, self.received, self.sent, seconds, self.sent / max(seconds, 1e-9), self.dropped())
         # What the session's frames used is free now, but stays with the allocator unless handed back (memory.py).
         with contextlib.suppress(RuntimeError):  # the executor is gone: the server is shutting down
             await self.loop.run_in_executor(None, memory.trim)
@@ -417,7 +424,8 @@ class SessionManager:
         self.opened += 1
         if source is not None:
             source.attach(s)
-        log.info("session %s (%s) opened, %d active", s.id, kind, len(self.sessions))
+        # Only the start of the id: the whole one lets its holder upload backgrounds and follow the camera (OBS).
+        EVENTS.info("session %s opened: %s, %d of %d in use", s.id[:6], kind, len(self.sessions), self.max_sessions)
         return s
 
     def _remove(self, s: Session) -> None:
