@@ -49,7 +49,8 @@ def add_cluster_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("cluster (Ray; pip install 'rmbg-stream[cluster]')")
     g.add_argument("--cluster", nargs="?", const="auto", default=None, metavar="ADDRESS",
                    help="run on a Ray cluster: ADDRESS, else RAY_ADDRESS, else a local Ray instance; INPUT may also "
-                        "be a .txt file listing inputs; paths must be visible to every node (default: off, one process)")
+                        "be a .txt file listing inputs; paths must be visible to every node "
+                        "(default: off, one process)")
     g.add_argument("--cluster-workers", type=int, default=0,
                    help="worker actors (default: one per GPU, else CPUs / --cluster-cpus)")
     g.add_argument("--cluster-cpus", type=float, default=1.0, help="CPUs per worker without GPUs (default: 1)")
