@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from . import composite, render
+from .device_api import for_device
 from .filters import half, upsample2x
 from .preprocess import resize
 from .render import BackgroundCache
@@ -53,9 +54,19 @@ def to_float(hwc: torch.Tensor) -> torch.Tensor:
     return hwc.permute(2, 0, 1).unsqueeze(0).contiguous().float().mul_(1 / 255)
 
 
+def _take(t: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    """Rows `rows` of `t` along dim 0: a view when consecutive. Never a tensor index: a host index tensor on a
+    device tensor is a copy the host waits for."""
+    if rows == list(range(rows[0], rows[0] + len(rows))):
+        return t[rows[0]:rows[0] + len(rows)]
+    return torch.cat([t[j:j + 1] for j in rows])
+
+
 class Engine:
     def __init__(self, backend: Backend, *, max_batch: int = 4, max_wait_ms: float = 4.0, guided_radius: int = 2,
-                 guided_eps: float = 1e-4):
+                 guided_eps: float = 1e-4, device_api=None):
+        """`device_api`: the asynchronous device interface (`device_api.SimulatedDevice` in tests); default:
+        torch.cuda on a CUDA backend, none (synchronous) on the CPU."""
         self.backend = backend
         self.device = backend.device
         self.max_batch = max(1, max_batch)
@@ -67,10 +78,17 @@ class Engine:
         self.closed = False
         self.batches = self.frames = 0
         self.last_batch_size = 0
-        self.uploader = Uploader(self.device)
-        self.downloader = Downloader(self.device)
-        self.cuda = self.device.type == "cuda"
-        self.compute_stream = torch.cuda.Stream(self.device) if self.cuda else None
+        self.api = device_api if device_api is not None else for_device(self.device)
+        self.uploader = Uploader(self.device, self.api)
+        self.downloader = Downloader(self.device, self.api)
+        self.cuda = self.api is not None  # the asynchronous branch: copy streams, events, the finisher thread
+        self.compute_stream = self.api.stream() if self.cuda else None
+        if self.cuda:
+            # Anything the backend prepared on the default stream (ChromaBackend.bias) is ready before our first
+            # kernel reads it: one wait, at start.
+            ready = self.api.event()
+            ready.record(self.api.current_stream())
+            self.api.wait(self.compute_stream, ready)
         self._rr = 0
         self._downloads: queue.Queue = queue.Queue(maxsize=2)
         self._worker = threading.Thread(target=self._run, name="rmbg-engine", daemon=True)
@@ -167,18 +185,22 @@ class Engine:
             return batch
 
     def _run(self) -> None:
+        if self.cuda:
+            self.api.enter_thread()
         while (batch := self._collect()) is not None:
             if not batch:  # the streams that were ready closed while it waited for a fuller batch
                 continue
             try:
                 if self.cuda:
-                    with torch.cuda.stream(self.compute_stream):
+                    with self.api.use(self.compute_stream):
                         self._process(batch)
                 else:
                     self._process(batch)
             except Exception as exc:  # a failing batch must not take the engine (and every session) down
                 log.exception("engine batch failed")
                 for s, _ in batch:
+                    # Its smoothing state may hold this batch's half-updated alpha, or none of its frame.
+                    s.smoother = TemporalSmoother()
                     s._deliver(exc)
             # Not held while waiting for the next one: an idle engine keeps no frames (6 MB each at 1080p) and no
             # closed streams alive.
@@ -188,12 +210,15 @@ class Engine:
     def _process(self, batch: list[tuple[Stream, _Item]]) -> None:
         """One batch through its stages: upload, group, network, smoothing and rendering, download."""
         frames = self._upload(batch)
-        groups = self._group(batch, frames)
-        self._infer(groups)
-        outputs: list = [None] * len(batch)
-        for g in groups:
-            self._render(batch, g, outputs)
-        self.uploader.release()
+        try:
+            groups = self._group(batch, frames)
+            self._infer(groups)
+            outputs: list = [None] * len(batch)
+            for g in groups:
+                self._render(batch, g, outputs)
+        finally:
+            # Also when a stage raised: the next upload into this buffer must wait for what was queued reading it.
+            self.uploader.release()
         self._download(batch, outputs)
 
     def _upload(self, batch: list[tuple[Stream, _Item]]) -> list:
@@ -256,10 +281,8 @@ class Engine:
             renders.setdefault(key if o.background.kind not in render.PER_STREAM else j, []).append(j)
         for rows in renders.values():
             s, item = batch[g.rows[rows[0]]]
-            consecutive = rows == list(range(rows[0], rows[0] + len(rows)))
-            sel = slice(rows[0], rows[0] + len(rows)) if consecutive else torch.tensor(rows)
-            fmt, out = render.render(tuple(p[sel] for p in g.planes), a_full[sel],
-                                     None if a_half is None else a_half[sel], item, s.backgrounds)
+            fmt, out = render.render(tuple(_take(p, rows) for p in g.planes), _take(a_full, rows),
+                                     None if a_half is None else _take(a_half, rows), item, s.backgrounds)
             for n, j in enumerate(rows):
                 outputs[g.rows[j]] = (fmt, {name: t[n] for name, t in out.items()})
 
@@ -292,11 +315,22 @@ class Engine:
         now = time.monotonic()
         for (s, item), (fmt, out) in zip(batch, outputs):
             got = {k: next(hosts).numpy() for k in out}
-            s._deliver(Result(item.index, item.pts, item.meta, got.get("image"), got.get("alpha"), item.submitted, now,
-                              fmt))
+            item.delivered = True
+            try:
+                s._deliver(Result(item.index, item.pts, item.meta, got.get("image"), got.get("alpha"), item.submitted,
+                                  now, fmt))
+            except Exception:  # the stream's on_result: its bug must not cost the other streams their results
+                log.exception("on_result failed")
 
     def _finish_loop(self) -> None:
+        self.api.enter_thread()
         while (job := self._downloads.get()) is not None:
             event, batch, outputs, hosts = job
-            event.synchronize()
-            self._finish(batch, outputs, hosts)
+            try:
+                event.synchronize()
+                self._finish(batch, outputs, hosts)
+            except Exception as exc:  # dead, this thread would fill the queue and hang the worker and close()
+                log.exception("engine download failed")
+                for s, item in batch:
+                    if not item.delivered:  # one whose on_result raised was delivered
+                        s._deliver(exc)

@@ -70,6 +70,7 @@ class _Item:
     # The stream's options when the worker collected the frame (under the lock): everything downstream (grouping,
     # smoothing, the render and the background it loads) reads only this, so a frame never mixes two settings.
     options: StreamOptions | None = None
+    delivered: bool = False  # CUDA: handed to `Stream._deliver` by the finisher thread
 
 
 def as_rgb(frame) -> np.ndarray:
@@ -167,12 +168,12 @@ class Stream:
         if r is _END:
             self.results.put(_END)
             return None
-        if isinstance(r, BaseException):
-            raise RuntimeError(f"engine failed on this stream: {r}") from r
-        if not self.live:
+        if not self.live:  # a failed frame was taken too: it must not hold back-pressure forever
             with self.engine.cond:
                 self.waiting -= 1
                 self.engine.cond.notify_all()
+        if isinstance(r, BaseException):
+            raise RuntimeError(f"engine failed on this stream: {r}") from r
         return r
 
     def close(self) -> None:
@@ -194,11 +195,13 @@ class Stream:
                 return
             on_result = self.on_result
         if on_result is not None and isinstance(result, Result):
-            on_result(result)
-            if not self.live:
-                with self.engine.cond:
-                    self.waiting -= 1
-                    self.engine.cond.notify_all()
+            try:
+                on_result(result)
+            finally:  # a callback that raises still took the frame: back-pressure must let the next one in
+                if not self.live:
+                    with self.engine.cond:
+                        self.waiting -= 1
+                        self.engine.cond.notify_all()
         else:
             if self.live:
                 # A slow consumer must not make live results pile up: keep only the newest few.
