@@ -27,7 +27,7 @@ import aiohttp
 from liveclients import RtcClient as Client
 from liveclients import free_port, histogram_quantile, parse_metrics, proc_stats
 
-from rmbg_stream.server.webrtc import keep_media_on_loopback
+from rmbg_stream.server.aiortc_patches import keep_media_on_loopback
 
 
 async def run(args) -> dict:

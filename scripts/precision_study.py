@@ -19,15 +19,19 @@ import argparse
 import copy
 import json
 import re
+import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rmbg_stream.models import BiRefNet
-from rmbg_stream.models.blocks import DeformableConv2d
-from rmbg_stream.models.swin import WindowAttention
-from tests.conformance import BACKBONE, synthetic_state_dict
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.conformance builds the synthetic weights
+
+from rmbg_stream.models import BiRefNet  # noqa: E402
+from rmbg_stream.models.blocks import DeformableConv2d  # noqa: E402
+from rmbg_stream.models.swin import WindowAttention  # noqa: E402
+from tests.conformance import BACKBONE, synthetic_state_dict  # noqa: E402
 
 BF16 = torch.bfloat16
 MODES = ("only", "except")

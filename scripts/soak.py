@@ -27,7 +27,7 @@ import time
 
 from liveclients import RtcClient, Server, WsClient, jpeg_frames, pct
 
-from rmbg_stream.server.webrtc import keep_media_on_loopback
+from rmbg_stream.server.aiortc_patches import keep_media_on_loopback
 from rmbg_stream.server.websocket import HEADER, JPEG, WEBP, pack
 
 # Malformed WebSocket messages. "sync" ones are answered at once; an undecodable image is answered when the decoder
