@@ -50,7 +50,7 @@ if cpu:
                          "--device", "cpu", "--frames", "2", "--frame-size", "96x64", "--warmup", "0", "--rounds", "1"],
         180)
     run("bench_live", [py, "scripts/bench_live.py", "--sessions", "1", "--seconds", "2", "--warmup", "1",
-                       "--model", "chroma", "--device", "cpu", "--size", "160x120"], 120)
+                       "--model", "chroma", "--device", "cpu", "--size", "320x240"], 120)
 else:
     run("tests_cuda_sanitizer", [py, "-m", "pytest", "-q", "-m", "cuda", "tests"], 150, {"TORCH_CUDA_SANITIZER": "1"})
     run("tests_sim", [py, "-m", "pytest", "-q", "tests/test_cuda_sim.py"], 60)
