@@ -20,7 +20,7 @@ import pytest
 
 from rmbg_stream.cli import main
 
-from .test_media import TB, audio_seconds, make_clip, read_video, scene
+from .test_media import audio_seconds, make_clip, read_video
 
 ray = pytest.importorskip("ray", reason="ray is not installed (pip install 'rmbg-stream[cluster]')")
 
@@ -40,29 +40,8 @@ def local_ray():
 
 def make_long(path: Path, n: int, gop: int = 15, pts: list[int] | None = None, rate: int = 30) -> list[int]:
     """A green-screen clip with a keyframe every `gop` frames (x264 with B-frames) and an audio tone."""
-    pts = pts or [round(i / rate / TB) for i in range(n)]
-    with av.open(str(path), "w") as c:
-        v = c.add_stream("libx264", rate=rate)
-        v.width, v.height, v.pix_fmt = W, H, "yuv420p"
-        v.time_base = v.codec_context.time_base = TB
-        v.codec_context.gop_size = gop
-        v.options = {"crf": "10", "preset": "veryfast"}
-        a = c.add_stream("aac", rate=48000, layout="mono")
-        samples, end = 0, float(pts[-1] * TB) + 1 / rate
-        for i, p in enumerate(pts):
-            f = av.VideoFrame.from_ndarray(scene(i, W, H)[0], format="rgb24").reformat(format="yuv420p")
-            f.pts, f.time_base = p, TB
-            c.mux(v.encode(f))
-            while samples < min(float(p * TB) + 1 / rate, end) * 48000:
-                t = (samples + np.arange(1024)) / 48000
-                af = av.AudioFrame.from_ndarray((0.2 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)[None],
-                                                format="fltp", layout="mono")
-                af.sample_rate, af.pts = 48000, samples
-                c.mux(a.encode(af))
-                samples += 1024
-        c.mux(v.encode(None))
-        c.mux(a.encode(None))
-    return pts
+    return make_clip(path, n, size=(W, H), rate=rate, pts=pts, pix_fmt="yuv420p", gop=gop,
+                     x264={"crf": "10", "preset": "veryfast"})
 
 
 def segment_starts(path: Path, seconds: float = 1.0) -> list[int]:

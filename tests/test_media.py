@@ -40,9 +40,10 @@ def scene(i: int, w: int, h: int) -> tuple[np.ndarray, np.ndarray]:
 def make_clip(path, n: int = 30, size: tuple[int, int] = (160, 96), rate: int = 30, pts: list[int] | None = None,
               audio: bool = True, rotation: int | None = None, color_range: int | None = None,
               codec: str = "libx264", pix_fmt: str | None = None, faststart: bool = False,
-              bt709: bool = False) -> list[int]:
+              bt709: bool = False, gop: int | None = None, x264: dict | None = None) -> list[int]:
     """A green-screen clip with a moving box (lossless x264 by default); returns the pts used (time base TB).
-    `pts` gives irregular timestamps (variable frame rate); audio is a 440 Hz tone as long as the video."""
+    `pts` gives irregular timestamps (variable frame rate); audio is a 440 Hz tone as long as the video.
+    `gop`: a keyframe every that many frames; `x264`: the encoder's options instead of lossless."""
     w, h = size
     pts = pts if pts is not None else [round(i / rate / TB) for i in range(n)]
     options = {"movflags": "+faststart"} if faststart else {}
@@ -53,7 +54,9 @@ def make_clip(path, n: int = 30, size: tuple[int, int] = (160, 96), rate: int = 
         v.time_base = TB
         v.codec_context.time_base = TB
         if codec == "libx264":
-            v.options = {"qp": "0", "preset": "ultrafast"}
+            v.options = x264 or {"qp": "0", "preset": "ultrafast"}
+        if gop is not None:
+            v.codec_context.gop_size = gop
         if color_range is not None:
             v.codec_context.color_range = color_range
         if bt709:
