@@ -79,20 +79,39 @@ def export_onnx(model: str, output: str | os.PathLike, resolution: str | int | N
     n = parse_batch(batch)
     if model == "chroma" or model.startswith("chroma:"):
         raise ValueError("the chroma keyer has no network to export; pass a BiRefNet checkpoint")
+    if model.lower().endswith(".onnx"):
+        raise ValueError(f"{model} is already an ONNX graph; pass the checkpoint it came from")
+    check_exporter()
     backend = create_backend(model, torch.device("cpu"), "fp32", res, patch_order=patch_order)
-    assert isinstance(backend, BiRefNetBackend)
-    h, w = backend.resolution
+    if not isinstance(backend, BiRefNetBackend):  # create_backend gives a network for every other name
+        raise ValueError(f"{model} is not a BiRefNet checkpoint")
+    meta = {"source": model, "backbone": backend.model.backbone}
+    return export_network(backend.model, path, backend.resolution, n, meta)
+
+
+def export_network(network: torch.nn.Module, path: Path, resolution: tuple[int, int], batch: int | None,
+                   meta: dict[str, str]) -> ExportResult:
+    """Exports a float32 CPU `network` at (h, w) = `resolution` to `path` (checked by the caller), atomically."""
+    h, w = resolution
     t0 = time.perf_counter()
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        program = trace(backend.model, h, w, n)
-        write(program, tmp, {"resolution": f"{w}x{h}", "batch": "dynamic" if n is None else str(n),
-                             "source": model, "backbone": backend.model.backbone})
+        program = trace(network, h, w, batch)
+        write(program, tmp, {"resolution": f"{w}x{h}", "batch": "dynamic" if batch is None else str(batch), **meta})
         deform = count_ops(tmp, "DeformConv")
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    return ExportResult(path, (h, w), n, time.perf_counter() - t0, deform, path.stat().st_size / 2**20)
+    return ExportResult(path, (h, w), batch, time.perf_counter() - t0, deform, path.stat().st_size / 2**20)
+
+
+def check_exporter() -> None:
+    """The exporter needs onnx and onnxscript (the ``onnx`` extra): one line, before the model loads."""
+    try:
+        import onnx  # noqa: F401
+        import onnxscript  # noqa: F401
+    except ImportError as exc:
+        raise ValueError(f"export needs {exc.name}: pip install 'rmbg-stream[onnx]'") from None
 
 
 def trace(network, h: int, w: int, batch: int | None):
