@@ -61,10 +61,14 @@ def check_output(path: Path) -> None:
     folder = path.parent
     if not folder.is_dir():
         raise ValueError(f"output folder {folder} does not exist")
-    if not os.access(folder, os.W_OK):
-        raise ValueError(f"output folder {folder} is not writable")
     if path.is_dir():
         raise ValueError(f"output {path} is a folder")
+    probe = path.with_name(f".{path.name}.{os.getpid()}.probe")  # os.access says yes to root on read-only mounts
+    try:
+        probe.touch(exist_ok=False)
+        probe.unlink()
+    except OSError as exc:
+        raise ValueError(f"cannot write to {folder}: {exc.strerror}") from None
 
 
 def export_onnx(model: str, output: str | os.PathLike, resolution: str | int | None = None, batch: str | int = 1,
