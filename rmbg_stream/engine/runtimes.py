@@ -186,7 +186,8 @@ def cached_export(model: str, resolution: tuple[int, int] | None, patch_order: s
         path = root / f"{hashlib.sha1(key.encode()).hexdigest()[:16]}.onnx"
         if path.is_file():
             return path
-    print(f"exporting {model} to ONNX (once; cached as {path}) ...", file=sys.stderr, flush=True)
+    where = "random weights: not kept" if model.startswith("random:") else f"once; cached as {path}"
+    print(f"exporting {model} to ONNX ({where}) ...", file=sys.stderr, flush=True)
     result = export_onnx(model, path, res, "dynamic", patch_order)
     print(f"exported in {result.seconds:.1f} s", file=sys.stderr, flush=True)
     return path
