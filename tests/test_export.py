@@ -122,3 +122,15 @@ def test_an_onnx_model_refuses_the_eager_runtime_in_one_line(lite, tmp_path, cap
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert "--runtime onnx" in err[0] and "fixed at export" in err[1]
     assert not (tmp_path / "o.png").exists()
+
+
+def test_runtime_onnx_exports_a_checkpoint_once_into_the_cache(lite, tmp_path, monkeypatch, capfd):
+    monkeypatch.setenv("RMBG_ONNX_CACHE", str(tmp_path))
+    weights = str(lite[0])
+    first = create_backend(weights, CPU, resolution=(64, 64), patch_order="legacy", runtime="onnx")
+    assert "exporting" in capfd.readouterr().err
+    second = create_backend(weights, CPU, resolution=(64, 64), patch_order="legacy", runtime="onnx")
+    assert "exporting" not in capfd.readouterr().err
+    assert len(list(tmp_path.iterdir())) == 1
+    x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(first(x), second(x), atol=0, rtol=0)

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from rmbg_stream.cli import make_parser
-from rmbg_stream.engine.runtimes import AUTO, CompiledNet, bucket, choose_runtime, pad_batch
+from rmbg_stream.engine.runtimes import AUTO, CompiledNet, bucket, choose_runtime, onnx_available, pad_batch
 
 CPU = torch.device("cpu")
 
@@ -67,8 +67,10 @@ def compiled_cache() -> str:
 
 
 @pytest.mark.parametrize(("runtime", "model", "device", "want"), [
-    ("auto", "random:swin_v1_t", "cpu", AUTO["cpu"]),
-    ("auto", "random:swin_v1_t", "cuda", "compile"),
+    ("auto", "briaai/RMBG-2.0", "cpu", AUTO["cpu"] if AUTO["cpu"] != "onnx" or onnx_available() else "eager"),
+    ("auto", "birefnet", "cuda", "compile"),
+    ("auto", "random:swin_v1_t", "cpu", "eager"),
+    ("auto", "random:swin_v1_l", "cuda", "eager"),
     ("auto", "model.onnx", "cpu", "onnx"),
     ("onnx", "model.ONNX", "cpu", "onnx"),
     ("compile", "briaai/RMBG-2.0", "cpu", "compile"),

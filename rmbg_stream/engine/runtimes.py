@@ -8,9 +8,11 @@
   second start skips code generation. On CUDA the graphs are replayed as CUDA graphs (``reduce-overhead``).
 - ``onnx``: `OnnxBackend`, an exported graph (`rmbg_stream.export`) run by onnxruntime: the CPU provider,
   or TensorRT / CUDA when onnxruntime-gpu is installed (the ``[gpu]`` extra) and the device is CUDA. A
-  checkpoint given with ``--runtime onnx`` is exported once into ``$XDG_CACHE_HOME/rmbg-stream/onnx``.
+  checkpoint given with ``--runtime onnx`` is exported once into ``$RMBG_ONNX_CACHE``, default
+  ``$XDG_CACHE_HOME/rmbg-stream/onnx`` (``~/.cache/rmbg-stream/onnx``).
 - ``auto``: the row of `AUTO` for the device (see README, "Runtimes", for the measurements behind it);
-  a ``.onnx`` model always runs on ``onnx``.
+  a ``.onnx`` model always runs on ``onnx``. Random weights (``random:<backbone>``, tests and benchmarks) stay
+  eager under ``auto``: they differ at every start, so an export or a compilation would be paid every time.
 """
 
 from __future__ import annotations
@@ -54,6 +56,8 @@ def choose_runtime(runtime: str, model: str, device: torch.device) -> str:
             raise ValueError(f"{model} is an ONNX graph: it runs with --runtime onnx (or auto), not {runtime}")
         return "onnx"
     if runtime == "auto":
+        if model.startswith("random:"):
+            return "eager"  # see the module docstring
         runtime = AUTO.get(device.type, "eager")
         if runtime == "onnx" and not onnx_available():
             return "eager"
@@ -167,12 +171,16 @@ class OnnxBackend:
         return alpha.to(self.device)
 
 
+def cache_home() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+
+
 def cached_export(model: str, resolution: tuple[int, int] | None, patch_order: str | None) -> Path:
     """The ONNX graph of checkpoint `model`, exported once into the cache (see the module docstring); random
     weights (``random:<backbone>``) differ at every start, so they are exported to a fresh file each time."""
     from ..export import export_onnx
 
-    root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "rmbg-stream" / "onnx"
+    root = Path(os.environ.get("RMBG_ONNX_CACHE") or cache_home() / "rmbg-stream" / "onnx")
     root.mkdir(parents=True, exist_ok=True)
     res = None if resolution is None else f"{resolution[1]}x{resolution[0]}"
     if model.startswith("random:"):
