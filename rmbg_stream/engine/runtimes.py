@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import logging
 import os
 import sys
@@ -65,11 +66,8 @@ def choose_runtime(runtime: str, model: str, device: torch.device) -> str:
 
 
 def onnx_available() -> bool:
-    try:
-        import onnxruntime  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    """onnxruntime and the exporter's packages (the ``onnx`` extra) are installed; found without importing them."""
+    return all(importlib.util.find_spec(name) is not None for name in ("onnxruntime", "onnx", "onnxscript"))
 
 
 def bucket(n: int) -> int:
@@ -178,11 +176,11 @@ def cache_home() -> Path:
 def cached_export(model: str, resolution: tuple[int, int] | None, patch_order: str | None) -> Path:
     """The ONNX graph of checkpoint `model`, exported once into the cache (see the module docstring); random
     weights (``random:<backbone>``) differ at every start, so they are exported to a fresh file each time."""
-    from ..export import export_onnx
+    from ..export import check_exporter, export_network
+    from .backends import create_backend
 
+    check_exporter()
     root = Path(os.environ.get("RMBG_ONNX_CACHE") or cache_home() / "rmbg-stream" / "onnx")
-    root.mkdir(parents=True, exist_ok=True)
-    res = None if resolution is None else f"{resolution[1]}x{resolution[0]}"
     if model.startswith("random:"):
         path = root / f"random-{os.getpid()}-{time.monotonic_ns()}.onnx"
     else:
@@ -190,12 +188,16 @@ def cached_export(model: str, resolution: tuple[int, int] | None, patch_order: s
 
         weights, _ = resolve(model, None)
         stat = weights.stat()
-        key = f"{weights.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{res}|{patch_order}|{torch.__version__}"
+        key = f"{weights.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{resolution}|{patch_order}|{torch.__version__}"
         path = root / f"{hashlib.sha1(key.encode()).hexdigest()[:16]}.onnx"
         if path.is_file():
             return path
+    # Loaded first: a bad checkpoint is its own one-line error, with no export notice before it.
+    net = create_backend(model, torch.device("cpu"), "fp32", resolution, patch_order=patch_order, runtime="eager")
+    root.mkdir(parents=True, exist_ok=True)
     where = "random weights: not kept" if model.startswith("random:") else f"once; cached as {path}"
     print(f"exporting {model} to ONNX ({where}) ...", file=sys.stderr, flush=True)
-    result = export_onnx(model, path, res, "dynamic", patch_order)
+    meta = {"source": model, "backbone": net.model.backbone}
+    result = export_network(net.model, path, net.resolution, None, meta)
     print(f"exported in {result.seconds:.1f} s", file=sys.stderr, flush=True)
     return path
