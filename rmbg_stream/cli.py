@@ -21,6 +21,7 @@ examples:
   rmbg-stream transcode talk.mp4 -o talk.webm            a video without its background (audio kept)
   rmbg-stream serve                                      the browser page, at http://127.0.0.1:8080
   rmbg-stream camera --output window --background blur   the local camera, background blurred, in a window
+  rmbg-stream export birefnet-lite -o lite.onnx          an ONNX graph, then --model lite.onnx (onnxruntime)
 
 `rmbg-stream COMMAND --help` lists each command's options."""
 
@@ -42,6 +43,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="patch order the checkpoint was trained with: legacy (RMBG-2.0, BiRefNet before 2024-11) or "
                         "current (newer BiRefNet code) (default: from the code bundled with the checkpoint, else "
                         "the model table, else legacy)")
+    p.add_argument("--runtime", default="auto", choices=["auto", "eager", "compile", "onnx"],
+                   help="how the network runs: eager PyTorch, compile (torch.compile, compiled once per size and "
+                        "batch, cached on disk), onnx (onnxruntime; a checkpoint is exported once into the cache) or "
+                        "auto (the fastest measured for the device; see README, Runtimes) (default: %(default)s)")
 
 
 def add_cluster_args(p: argparse.ArgumentParser) -> None:
@@ -99,6 +104,17 @@ def cmd_camera(args) -> int:
 def command(sub, name: str, text: str) -> argparse.ArgumentParser:
     """A subcommand whose one-line summary is also the top of its own --help."""
     return sub.add_parser(name, help=text, description=text)
+
+
+def cmd_export(args) -> int:
+    from .export import export_onnx
+
+    result = export_onnx(args.model, args.output, args.resolution, args.batch, args.patch_order)
+    h, w = result.resolution
+    batch = "dynamic" if result.batch is None else result.batch
+    print(f"wrote {result.path}: {w}x{h}, batch {batch}, {result.deform_nodes} DeformConv nodes, "
+          f"{result.size_mb:.0f} MB, in {result.seconds:.1f} s")
+    return 0
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -175,6 +191,18 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", default=None, metavar="WxH", help="capture size (default: the camera's)")
     add_model_args(p)
     p.set_defaults(func=cmd_camera)
+
+    # -- export (rmbg_stream/export.py)
+    p = command(sub, "export", "write a model as an ONNX graph for --model FILE.onnx (onnxruntime)")
+    p.add_argument("model", help="hub id, alias, checkpoint file or snapshot folder (as --model takes it)")
+    p.add_argument("-o", "--output", required=True, help="the .onnx file to write")
+    p.add_argument("--resolution", default=None, metavar="N|WxH",
+                   help="input size of the graph, multiples of 32 (default: the model's own)")
+    p.add_argument("--batch", default="1", metavar="N|dynamic",
+                   help="frames per call: fixed N, or dynamic (any batch) (default: %(default)s)")
+    p.add_argument("--patch-order", default=None, choices=["legacy", "current"],
+                   help="patch order the checkpoint was trained with (default: as for the other commands)")
+    p.set_defaults(func=cmd_export)
     return parser
 
 

@@ -10,6 +10,7 @@ frame's aspect, at ``resolution``'s long side rounded to multiples of 32 (1920x1
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Protocol
 
 import torch
@@ -19,6 +20,7 @@ from ..models import BiRefNet
 from ..tuning import fast_matmul
 from .background import parse_background
 from .preprocess import check_size, fit_aspect
+from .runtimes import CompiledNet, OnnxBackend, cached_export, choose_runtime
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +49,7 @@ class BiRefNetBackend:
     """`resolution` (h, w), multiples of 32; `aspect`: the model takes any such size (see the module docstring)."""
 
     def __init__(self, model: BiRefNet, resolution: tuple[int, int], device: torch.device, dtype: torch.dtype,
-                 name: str = "birefnet", aspect: bool = False):
+                 name: str = "birefnet", aspect: bool = False, runtime: str = "eager"):
         check_size(resolution)
         fast_matmul()
         self.name = name
@@ -57,6 +59,8 @@ class BiRefNetBackend:
         self.device = device
         self.dtype = dtype
         self.model = model.eval().to(device=device, dtype=dtype)
+        self.runtime = runtime  # "eager" or "compile" (engine/runtimes.py)
+        self.net = CompiledNet(self.model, device) if runtime == "compile" else self.model
         self.mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
         self.std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
 
@@ -66,7 +70,7 @@ class BiRefNetBackend:
     @torch.inference_mode()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         x = ((x - self.mean) / self.std).to(self.dtype)
-        return self.model(x)[-1].float().sigmoid_()
+        return self.net(x)[-1].float().sigmoid_()
 
 
 class ChromaBackend:
@@ -138,30 +142,58 @@ def border_median(frame: torch.Tensor, cbcr: torch.Tensor, border: float) -> tor
 
 
 def create_backend(name: str, device: torch.device, precision: str = "auto",
-                   resolution: tuple[int, int] | None = None, *, patch_order: str | None = None) -> Backend:
+                   resolution: tuple[int, int] | None = None, *, patch_order: str | None = None,
+                   runtime: str = "eager") -> Backend:
     """`name`: ``chroma``, ``chroma:<colour>`` or ``chroma:auto``; ``random:<backbone>`` (untrained, for benchmarks and
-    tests); otherwise a BiRefNet checkpoint: hub id, alias, snapshot folder or weights file.
-    `resolution` (h, w) overrides the model's own; a dynamic model given a square one keeps each frame's
-    aspect at that long side, a non-square one is taken as is."""
+    tests); a ``.onnx`` graph (`rmbg-stream export`); otherwise a BiRefNet checkpoint: hub id, alias, snapshot folder or
+    weights file. `resolution` (h, w) overrides the model's own; a dynamic model given a square one keeps each
+    frame's aspect at that long side, a non-square one is taken as is. `runtime`: see engine/runtimes.py."""
     if resolution is not None:
         check_size(resolution)
+    runtime = choose_runtime(runtime, name, device)
     if name == "chroma" or name.startswith("chroma:"):
-        if ":" not in name:
-            return ChromaBackend(device)
-        if name == "chroma:auto":
-            return ChromaBackend(device, key=None)
-        key = parse_background(name.split(":", 1)[1])
-        if key.kind != "color":
-            raise ValueError(f"chroma key must be a colour (#rrggbb or a name), got {name!r}")
-        return ChromaBackend(device, key.color)
+        return create_chroma(name, device)
+    if runtime == "onnx":
+        return create_onnx(name, device, precision, resolution, patch_order)
     dtype = pick_dtype(precision, device)
     if name.startswith("random:"):
         backbone = name.split(":", 1)[1]
         log.warning("random weights for %s: output masks are meaningless (benchmarks and tests only)", backbone)
-        return BiRefNetBackend(BiRefNet(backbone), resolution or (1024, 1024), device, dtype, name)
+        return BiRefNetBackend(BiRefNet(backbone), resolution or (1024, 1024), device, dtype, name, runtime=runtime)
     from ..models.weights import load_birefnet
 
     model, info = load_birefnet(name, patch_order=patch_order)
     dynamic = info.spec is not None and info.spec.dynamic
     aspect = dynamic and (resolution is None or resolution[0] == resolution[1])
-    return BiRefNetBackend(model, resolution or info.resolution, device, dtype, name, aspect)
+    return BiRefNetBackend(model, resolution or info.resolution, device, dtype, name, aspect, runtime)
+
+
+def create_chroma(name: str, device: torch.device) -> ChromaBackend:
+    if ":" not in name:
+        return ChromaBackend(device)
+    if name == "chroma:auto":
+        return ChromaBackend(device, key=None)
+    key = parse_background(name.split(":", 1)[1])
+    if key.kind != "color":
+        raise ValueError(f"chroma key must be a colour (#rrggbb or a name), got {name!r}")
+    return ChromaBackend(device, key.color)
+
+
+def create_onnx(name: str, device: torch.device, precision: str, resolution: tuple[int, int] | None,
+                patch_order: str | None) -> OnnxBackend:
+    """An `OnnxBackend` for a .onnx file, or for a checkpoint exported first (engine/runtimes.py)."""
+    if precision not in ("auto", "fp32"):
+        raise ValueError(f"--runtime onnx runs the fp32 graph; --precision {precision} needs --runtime eager "
+                         "or compile")
+    if name.lower().endswith(".onnx"):
+        if not Path(name).is_file():
+            raise FileNotFoundError(f"ONNX graph {name} not found")
+        if resolution is not None:
+            raise ValueError(f"{name} has its input size fixed at export: leave out --resolution")
+        return OnnxBackend(name, device)
+    path = cached_export(name, resolution, patch_order)
+    try:
+        return OnnxBackend(path, device, name)
+    finally:
+        if name.startswith("random:"):
+            path.unlink(missing_ok=True)  # the session holds the graph in memory; random weights are never reused

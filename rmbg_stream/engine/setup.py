@@ -28,20 +28,22 @@ def parse_resolution(value: str | int | None) -> tuple[int, int] | None:
 
 
 def load_backend(model: str, device: str = "auto", precision: str = "auto", resolution: str | int | None = None,
-                 patch_order: str | None = None) -> Backend:
-    """The backend for `--model`, `--device`, `--precision`, `--resolution` and `--patch-order` (see `cli`)."""
+                 patch_order: str | None = None, runtime: str = "eager") -> Backend:
+    """The backend for `--model`, `--device`, `--precision`, `--resolution`, `--patch-order` and `--runtime`
+    (see `cli`; runtimes in engine/runtimes.py). Callers other than the command line get eager by default."""
     from ..device import pick_device
     from .backends import create_backend
 
     res = parse_resolution(resolution)
-    return create_backend(model, pick_device(device), precision, res, patch_order=patch_order)
+    return create_backend(model, pick_device(device), precision, res, patch_order=patch_order, runtime=runtime)
 
 
 def build_backend(args) -> Backend:
     """`load_backend` from parsed options (an `argparse.Namespace` of `cli.add_model_args`)."""
-    # Scripts (bench_transcode) and tests build their own Namespace without this newer option.
+    # Scripts (bench_transcode) and tests build their own Namespace without these newer options.
     order = getattr(args, "patch_order", None)
-    return load_backend(args.model, args.device, args.precision, args.resolution, order)
+    runtime = getattr(args, "runtime", "eager")
+    return load_backend(args.model, args.device, args.precision, args.resolution, order, runtime)
 
 
 def check_background(text: str | None) -> None:
