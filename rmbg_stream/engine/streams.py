@@ -207,11 +207,11 @@ class Stream:
                 # A slow consumer must not make live results pile up: keep only the newest few.
                 while self.results.qsize() >= self.max_in_flight:
                     try:
-                        self.results.get_nowait()
+                        old = self.results.get_nowait()
                     except queue.Empty:
                         break
                     with self.engine.cond:  # it was counted as delivered: each frame is counted once
-                        self.delivered -= 1
+                        self.delivered -= isinstance(old, Result)
                         self.dropped += 1
             self.results.put(result)
         if finished:
