@@ -387,8 +387,6 @@ def run_cli(args) -> int:
     background = parse_background(args.background)
     if background.kind == "video":
         raise ValueError("serve takes no video background: use a colour, an image, blur or transparent")
-    if background.kind == "image" and not Path(background.path).is_file():
-        raise FileNotFoundError(f"background image not found: {background.path}")
     secure = tls.load(getattr(args, "tls_cert", None), getattr(args, "tls_key", None), getattr(args, "tls", None))
     try:
         socks = listen(args.host, args.port)
