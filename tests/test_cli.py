@@ -22,7 +22,7 @@ import sys
 import termios
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import av
@@ -35,7 +35,7 @@ from rmbg_stream import __version__
 from rmbg_stream.camera import CameraError, Window
 from rmbg_stream.cli import main, make_parser
 from rmbg_stream.server import websocket
-from tests.test_weights import ServingHub, cache_put
+from tests.test_weights import ServingHub, cache_put, hub_env, local_hub
 
 REPO = Path(__file__).resolve().parents[1]
 HUB_ERROR = "error: could not reach the Hugging Face hub for briaai/RMBG-2.0"
@@ -58,23 +58,11 @@ class Tripwire(BaseHTTPRequestHandler):
         pass
 
 
-@contextlib.contextmanager
-def hub(handler):
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{server.server_port}"
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
 def cli(args: list, endpoint: str, home: Path, tty: bool = False,
         **env: str) -> tuple[subprocess.CompletedProcess, float]:
     """`python -m rmbg_stream ARGS` against the hub at `endpoint`; the result and its wall time from the start.
     `tty`: stderr is a terminal, as a user's is (progress bars show only there)."""
-    clean = {k: v for k, v in os.environ.items() if not k.upper().endswith("_PROXY") and not k.startswith("HF_")}
-    clean.update(HF_ENDPOINT=endpoint, HF_HOME=str(home / "hf"), NO_PROXY="*", PYTHONPATH=str(REPO), **env)
+    clean = hub_env(endpoint, home) | {"PYTHONPATH": str(REPO), **env}
     command = [sys.executable, "-m", "rmbg_stream", *map(str, args)]
     t0 = time.monotonic()
     if not tty:
@@ -160,7 +148,7 @@ def test_a_bad_input_or_output_fails_at_once_without_asking_the_hub(tmp_path, ca
     clip(tmp_path / "ok.mp4")
     before = {p.name for p in tmp_path.iterdir()}
     Tripwire.requests = []
-    with hub(Tripwire) as endpoint:
+    with local_hub(Tripwire) as endpoint:
         done, seconds = cli(args, endpoint, tmp_path)  # the default model: briaai/RMBG-2.0, from the hub
     lines = done.stderr.strip().splitlines()
     assert done.returncode in (1, 2) and len(lines) >= 1 and message in lines[0], done.stderr
@@ -179,7 +167,7 @@ class Unavailable(Tripwire):
 @contextlib.contextmanager
 def endpoint_of(kind: str):
     if kind == "503":
-        with hub(Unavailable) as url:
+        with local_hub(Unavailable) as url:
             yield url
     elif kind == "silent":  # accepts connections and never answers
         with socket.socket() as sock:
@@ -235,7 +223,7 @@ class Hub(ServingHub):
 def test_the_first_download_says_what_it_fetches_and_how_large_then_shows_progress(tmp_path):
     picture(tmp_path / "in.png")
     args = ["image", "in.png", "-o", "out.png", "--model", "owner/hub-model"]
-    with hub(Hub) as endpoint:
+    with local_hub(Hub) as endpoint:
         first, _ = cli(args, endpoint, tmp_path, tty=True)
         again, _ = cli(args, endpoint, tmp_path, tty=True)
     lines = [line.rsplit("\r", 1)[-1] for line in first.stderr.splitlines()]  # a bar redraws its line after \r

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -11,6 +12,7 @@ import sys
 import tempfile
 import threading
 import zlib
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -441,12 +443,28 @@ class FakeHub(BaseHTTPRequestHandler):
         pass
 
 
-def test_hub_errors_are_mapped(scratch):
-    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeHub)
+@contextlib.contextmanager
+def local_hub(handler: type[BaseHTTPRequestHandler]) -> Iterator[str]:
+    """A hub on loopback answering with `handler`; yields its endpoint URL."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    # A fresh interpreter, because huggingface_hub reads HF_ENDPOINT only when it is imported.
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def hub_env(endpoint: str, home: Path) -> dict[str, str]:
+    """This process's environment for a child whose huggingface_hub talks to `endpoint` only, with a private
+    HF_HOME under `home`: no HF_* settings or proxies of ours leak in."""
     env = {k: v for k, v in os.environ.items() if not k.upper().endswith("_PROXY") and not k.startswith("HF_")}
-    env.update(HF_ENDPOINT=f"http://127.0.0.1:{server.server_port}", HF_HOME=str(scratch / "hf"), NO_PROXY="*")
+    env.update(HF_ENDPOINT=endpoint, HF_HOME=str(home / "hf"), NO_PROXY="*")
+    return env
+
+
+def test_hub_errors_are_mapped(scratch):
+    # A fresh interpreter, because huggingface_hub reads HF_ENDPOINT only when it is imported.
     script = (
         "import json, sys\n"
         "from rmbg_stream.models.weights import WeightsError, load_birefnet\n"
@@ -458,16 +476,9 @@ def test_hub_errors_are_mapped(scratch):
         "        out[repo] = str(e)\n"
         "print(json.dumps(out))\n"
     )
-    try:
-        done = subprocess.run(
-            [sys.executable, "-c", script, *FakeHub.ANSWERS],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-    finally:
-        server.shutdown()
+    with local_hub(FakeHub) as endpoint:
+        done = subprocess.run([sys.executable, "-c", script, *FakeHub.ANSWERS], env=hub_env(endpoint, scratch),
+                              capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     msg = json.loads(done.stdout.strip().splitlines()[-1])
     assert set(msg) == set(FakeHub.ANSWERS)
@@ -684,10 +695,6 @@ def test_hub_download_fetches_the_bundled_code_and_takes_its_order(original, cur
         "config.json": b"{}",
         "README.md": b"# weights\n",
     }
-    server = ThreadingHTTPServer(("127.0.0.1", 0), ServingHub)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    env = {k: v for k, v in os.environ.items() if not k.upper().endswith("_PROXY") and not k.startswith("HF_")}
-    env.update(HF_ENDPOINT=f"http://127.0.0.1:{server.server_port}", HF_HOME=str(scratch / "hf"), NO_PROXY="*")
     script = (
         "import json, torch\n"
         "from rmbg_stream.models.weights import load_birefnet\n"
@@ -698,10 +705,9 @@ def test_hub_download_fetches_the_bundled_code_and_takes_its_order(original, cur
         "print(json.dumps([info.patch_order, info.order_from, sorted(p.name for p in info.path.parent.iterdir())]))\n"
     )
     torch.save(x, scratch / "x.pt")
-    try:
-        done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
-    finally:
-        server.shutdown()
+    with local_hub(ServingHub) as endpoint:
+        done = subprocess.run([sys.executable, "-c", script], env=hub_env(endpoint, scratch), capture_output=True,
+                              text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     order, decided_by, files = json.loads(done.stdout.strip().splitlines()[-1])
     # Only the weights and the code come down: no README or config is needed.
