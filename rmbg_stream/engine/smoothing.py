@@ -195,11 +195,15 @@ def smooth_streams(smoothers: Sequence[TemporalSmoother], alphas: torch.Tensor, 
         waves[k].append(i)
     if len(waves) == 1:
         return _smooth_wave(smoothers, alphas, frames_small, strengths)
-    out = torch.empty_like(alphas)
+    # Rows are gathered by slicing and concatenating, not by a list index: that would copy an index to the device
+    # and wait for it, a host sync the rest of the per-frame path avoids.
+    out: list[torch.Tensor] = [alphas[:0]] * len(smoothers)
     for rows in waves:
-        out[rows] = _smooth_wave([smoothers[i] for i in rows], alphas[rows], frames_small[rows],
-                                 [strengths[i] for i in rows])
-    return out
+        part = _smooth_wave([smoothers[i] for i in rows], torch.cat([alphas[i:i + 1] for i in rows]),
+                            torch.cat([frames_small[i:i + 1] for i in rows]), [strengths[i] for i in rows])
+        for j, i in enumerate(rows):
+            out[i] = part[j:j + 1]
+    return torch.cat(out)
 
 
 def _smooth_wave(smoothers: Sequence[TemporalSmoother], alphas: torch.Tensor, frames_small: torch.Tensor,
