@@ -36,7 +36,7 @@ import av
 
 from .engine.yuv import i420_planes
 from .media.reader import Frame, MediaError, VideoReader, io_threads, open_input, upright
-from .transcode import DEFAULT_COLOR, FORMATS, Summary, _check_background, _inputs
+from .transcode import DEFAULT_COLOR, FORMATS, Summary, check_video_background, input_pairs
 from .transcode import transcode as transcode_file
 
 EXTRA_HINT = "--cluster needs Ray: pip install 'rmbg-stream[cluster]'"
@@ -135,7 +135,7 @@ def list_inputs(src: Path, dest: Path, fmt: str | None) -> list[tuple[Path, Path
     """(input, output) pairs: a file, a folder (as single-process mode), or a text file of inputs, one a line
     (relative to the list's folder; blank lines and '#' comments skipped) into the output folder."""
     if not (src.is_file() and src.suffix.lower() in LIST_SUFFIXES):
-        return _inputs(src, dest, fmt)
+        return input_pairs(src, dest, fmt)
     if dest.exists() and not dest.is_dir():
         raise ValueError(f"{dest}: the input is a list, so the output must be a folder")
     lines = [ln.strip() for ln in src.read_text().splitlines()]
@@ -419,7 +419,7 @@ def _check(args, pairs) -> dict[Path, str]:
     for _, out in pairs:
         text = args.background or ("transparent" if alpha_capable(out) else DEFAULT_COLOR)
         bg = parse_background(text)
-        _check_background(bg)
+        check_video_background(bg)
         plan(out, "gray" if args.mask else ("rgba" if bg.kind == "transparent" else "rgb"), 2, 2, args.codec, args.crf)
         backgrounds[out] = text
     return backgrounds

@@ -175,7 +175,7 @@ def transcode(engine: Engine, src: str | Path, dest: str | Path, *, background: 
 # -- command line
 
 
-def _inputs(src: Path, dest: Path, fmt: str | None) -> list[tuple[Path, Path]]:
+def input_pairs(src: Path, dest: Path, fmt: str | None) -> list[tuple[Path, Path]]:
     """(input, output) pairs: one file, or every video file of a folder into the output folder."""
     if not src.is_dir():
         if fmt is not None:
@@ -191,7 +191,7 @@ def _inputs(src: Path, dest: Path, fmt: str | None) -> list[tuple[Path, Path]]:
     return [(p, dest / ((p.stem if stems.count(p.stem) == 1 else p.name) + suffix)) for p in files]
 
 
-def _check_background(bg: Background) -> None:
+def check_video_background(bg: Background) -> None:
     """A VIDEO background must exist before the model loads (an IMAGE one is decoded by `check_background`)."""
     if bg.kind == "video" and not Path(bg.path).is_file():
         raise ValueError(f"background video not found: {bg.path}")
@@ -210,13 +210,13 @@ def run_cli(args) -> int:
     fmt = getattr(args, "format", None)
     if not src.exists():
         return _fail_early(args, src, f"{src}: no such file or folder")
-    pairs = _inputs(src, dest, fmt)
+    pairs = input_pairs(src, dest, fmt)
     if not pairs:
         return _fail_early(args, src, f"{src}: no video files in the folder")
     backgrounds = {}
     for _, out in pairs:
         bg = parse_background(args.background) if args.background else default_background(out)
-        _check_background(bg)
+        check_video_background(bg)
         backgrounds[out] = bg
         mode = "gray" if args.mask else ("rgba" if bg.kind == "transparent" else "rgb")
         plan(out, mode, 2, 2, args.codec, args.crf)  # impossible combinations fail now, before the model loads
