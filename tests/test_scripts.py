@@ -20,3 +20,27 @@ def test_script_starts_and_prints_its_help(script, tmp_path):
                           timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "usage:" in proc.stdout
+
+
+def _gpu_check(*args: str) -> dict:
+    import json
+    import os
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "gpu_check.sh"
+    proc = subprocess.run(["bash", str(script), *args], capture_output=True, text=True, timeout=400,
+                          env={**os.environ, "PYTHON": sys.executable})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_gpu_check_dry_run_on_the_cpu_runs_every_step_and_prints_one_json_object():
+    report = _gpu_check("--cpu")
+    assert report["mode"] == "cpu-dry-run" and report["skipped"] == []
+    assert {"tests_sim", "bench_model_eager_fp32", "bench_engine", "bench_live"} <= set(report["steps"])
+    assert report["ok"], {k: v["tail"] for k, v in report["steps"].items() if v["rc"] != 0}
+    assert report["steps"]["bench_model_eager_fp32"]["result"]["fps"] > 0
+
+
+def test_gpu_check_lists_the_steps_its_time_budget_leaves_out_instead_of_running_past_it():
+    report = _gpu_check("--cpu", "--budget", "5")
+    assert report["steps"] == {} and len(report["skipped"]) == 4 and report["elapsed_s"] < 5
