@@ -96,3 +96,18 @@ def test_every_model_command_takes_runtime_with_auto_the_default(command):
     assert parser.parse_args([*command, "--runtime", "compile"]).runtime == "compile"
     with pytest.raises(SystemExit):
         parser.parse_args([*command, "--runtime", "tvm"])
+
+
+@pytest.mark.parametrize("version, device, refused", [
+    ("0.28.0+cu128", "cuda", True), ("0.27.1", "cuda:1", True), ("0.29.0+cu130", "cuda", False),
+    ("0.30.1", "cuda", False), ("0.28.0", "cpu", False),
+])
+def test_cuda_refuses_a_torchvision_whose_deform_conv_ignores_the_current_stream(version, device, refused):
+    from rmbg_stream.models.blocks import check_deform_stream
+
+    if refused:
+        with pytest.raises(ValueError, match=r"^torchvision .* wrong CUDA stream.*>=0\.29\.0$"):
+            check_deform_stream(torch.device(device), version)
+    else:
+        check_deform_stream(torch.device(device), version)
+    check_deform_stream(torch.device("cpu"))  # the installed one

@@ -17,6 +17,7 @@ import torch
 
 from ..device import pick_dtype
 from ..models import BiRefNet
+from ..models.blocks import check_deform_stream
 from ..tuning import fast_matmul
 from .background import parse_background
 from .preprocess import check_size, fit_aspect
@@ -51,6 +52,7 @@ class BiRefNetBackend:
     def __init__(self, model: BiRefNet, resolution: tuple[int, int], device: torch.device, dtype: torch.dtype,
                  name: str = "birefnet", aspect: bool = False, runtime: str = "eager"):
         check_size(resolution)
+        check_deform_stream(device)
         fast_matmul()
         self.name = name
         self.resolution = tuple(resolution)

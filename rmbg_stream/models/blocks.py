@@ -4,8 +4,23 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+import torchvision
 from torch import nn
 from torchvision.ops import deform_conv2d
+
+# torchvision before 0.29.0 launches deform_conv2d on the legacy default stream (pytorch/vision#9513): unordered
+# against the engine's compute stream, it would corrupt masks without an error. pyproject's floor keeps it out;
+# this catches an install that bypassed it (--no-deps, a pinned environment).
+FIRST_STREAM_SAFE = (0, 29)
+
+
+def check_deform_stream(device: torch.device, version: str | None = None) -> None:
+    """Refuses CUDA with a torchvision whose deform_conv2d ignores the current stream (one line, ValueError)."""
+    version = version or torchvision.__version__
+    major_minor = tuple(int(p) for p in version.split("+")[0].split(".")[:2])
+    if device.type == "cuda" and major_minor < FIRST_STREAM_SAFE:
+        raise ValueError(f"torchvision {version} runs deformable convolutions on the wrong CUDA stream, which "
+                         "corrupts masks: install torchvision>=0.29.0")
 
 
 class DeformableConv2d(nn.Module):
