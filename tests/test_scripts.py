@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -23,9 +25,6 @@ def test_script_starts_and_prints_its_help(script, tmp_path):
 
 
 def _gpu_check(*args: str) -> dict:
-    import json
-    import os
-
     script = Path(__file__).resolve().parents[1] / "scripts" / "gpu_check.sh"
     proc = subprocess.run(["bash", str(script), *args], capture_output=True, text=True, timeout=400,
                           env={**os.environ, "PYTHON": sys.executable})
@@ -44,3 +43,27 @@ def test_gpu_check_dry_run_on_the_cpu_runs_every_step_and_prints_one_json_object
 def test_gpu_check_lists_the_steps_its_time_budget_leaves_out_instead_of_running_past_it():
     report = _gpu_check("--cpu", "--budget", "5")
     assert report["steps"] == {} and len(report["skipped"]) == 4 and report["elapsed_s"] < 5
+
+
+BENCH_REFERENCE = Path(__file__).resolve().parents[1] / "scripts" / "bench_reference.py"
+
+
+def test_bench_reference_without_a_clone_exits_2_with_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, str(BENCH_REFERENCE), "--reference", str(tmp_path / "absent")],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stdout == ""
+    assert len(proc.stderr.strip().splitlines()) == 1 and "does not exist" in proc.stderr
+
+
+def test_bench_reference_matches_birefnets_own_code_on_the_same_weights(tmp_path):
+    # Needs the user's `git clone https://github.com/ZhengPeng7/BiRefNet` (plus einops and timm).
+    clone = os.environ.get("RMBG_BIREFNET_REFERENCE")
+    if not clone:
+        pytest.skip("set RMBG_BIREFNET_REFERENCE to a clone of github.com/ZhengPeng7/BiRefNet to run")
+    proc = subprocess.run([sys.executable, str(BENCH_REFERENCE), "--reference", clone, "--size", "64",
+                           "--iters", "1", "--warmup", "0"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout)
+    assert result["max_abs_diff"] < 1e-3
+    assert result["ours"]["fps"] > 0 and result["reference"]["fps"] > 0
