@@ -293,7 +293,7 @@ def join_segments(parts: list[tuple[Path, int]], dest: Path, src: str, video_ind
     """Remux the segments' video packets (same encoder settings; each (file, origin in `time_base`)) into `dest`
     at the source's pts, with the source's audio and subtitles as single-process mode copies them; atomic.
     Returns (frames, warnings)."""
-    from .media.writer import CONTAINERS, DEFAULTS, _Passthrough  # the writer's own stream copier, not a second one
+    from .media.writer import CONTAINERS, DEFAULTS, Passthrough  # the writer's own stream copier, not a second one
 
     fmt = CONTAINERS[dest.suffix.lower()]
     tmp = dest.parent / f".{dest.name}.{secrets.token_hex(4)}.part"
@@ -306,7 +306,7 @@ def join_segments(parts: list[tuple[Path, int]], dest: Path, src: str, video_ind
             template = first.streams.video[0]
             vs = out.add_stream_from_template(template)
             vs.time_base = template.time_base
-        passthrough = _Passthrough(src, out, video_index, DEFAULTS[fmt][2], warnings.append)
+        passthrough = Passthrough(src, out, video_index, DEFAULTS[fmt][2], warnings.append)
         out.metadata.update({k: v for k, v in passthrough.src.metadata.items()
                              if k.lower() not in ("major_brand", "minor_version", "compatible_brands", "encoder")})
         last_dts = None

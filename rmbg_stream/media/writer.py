@@ -177,7 +177,7 @@ def check_png_folder(dest: Path) -> None:
             raise ValueError(f"{dest}: folder holds other files ({strangers[0]}, ...); choose an empty or new folder")
 
 
-class _Passthrough:
+class Passthrough:
     """The source's audio and subtitle streams: copied where the container takes the codec, audio re-encoded
     otherwise, anything else dropped with a warning. Packets are muxed in step with the video, so the output
     stays interleaved."""
@@ -328,7 +328,7 @@ class ContainerSink:
         self.target, self.info, self.mode = target, info, mode
         self.path = target.path
         self.container: av.container.OutputContainer | None = None
-        self.passthrough: _Passthrough | None = None
+        self.passthrough: Passthrough | None = None
         self.tmp = _temp_beside(self.path, folder=False)
         try:
             self._open(copy_from, warn)
@@ -357,7 +357,7 @@ class ContainerSink:
         self.sws = VideoReformatter()
         self.matrix = SWS_MATRIX.get(info.colorspace)
         if copy_from:
-            self.passthrough = _Passthrough(copy_from, out, info.index, DEFAULTS[t.format][2], warn)
+            self.passthrough = Passthrough(copy_from, out, info.index, DEFAULTS[t.format][2], warn)
             # Title, creation time, location...; the brand and encoder tags describe the old file, not this one.
             out.metadata.update({k: v for k, v in self.passthrough.src.metadata.items()
                                  if k.lower() not in ("major_brand", "minor_version", "compatible_brands", "encoder")})
