@@ -233,20 +233,23 @@ class Worker:
     """One engine per actor process (a Ray actor); `run(job)` returns a result dict and never raises for a bad
     input, so Ray retries only what a dead process left unfinished."""
 
-    def __init__(self, index: int, model: dict, batch: int, cpus: float, tally: str):
+    def __init__(self, index: int, model: dict, batch: int, cpus: float | None, tally: str):
+        """`cpus`: the worker's share of its node without GPUs (thread counts follow it); None with a GPU, whose
+        decoders and encoders feed the card with the node's threads, as one process does."""
         import ray
         import torch
 
         from .engine.engine import Engine
         from .engine.setup import build_backend
-        from .tuning import share_cpu
+        from .tuning import cores, limit_cores, share_cpu
 
+        limit_cores(cpus)  # before any thread count is chosen
         # By name, not a handle: a restarted actor gets its arguments again, and plain ones cannot go missing.
         self.index, self.tally = index, ray.get_actor(tally)
         backend = build_backend(SimpleNamespace(**model))
         share_cpu(backend)
-        if backend.device.type == "cpu":  # the actor's share, not the node's cores
-            torch.set_num_threads(max(1, min(torch.get_num_threads(), int(cpus))))
+        if backend.device.type == "cpu":
+            torch.set_num_threads(max(1, min(torch.get_num_threads(), cores())))
         self.engine = Engine(backend, max_batch=max(1, batch), max_wait_ms=4)
         self.ready_at = time.time()  # wall clock: the driver reports its start-up (process, imports, model) apart
 
@@ -509,7 +512,7 @@ def _workers(ray, args, tally: str) -> list:
     model = {k: getattr(args, k, None) for k in ("model", "device", "precision", "resolution", "patch_order")}
     cls = ray.remote(Worker).options(num_gpus=1 if gpus else 0, num_cpus=args.cluster_cpus, max_restarts=-1,
                                      max_task_retries=args.retries)
-    return [cls.remote(i, model, args.batch, args.cluster_cpus, tally) for i in range(n)]
+    return [cls.remote(i, model, args.batch, None if gpus else args.cluster_cpus, tally) for i in range(n)]
 
 
 def _join(run: FileRun) -> tuple[int, list[str]]:

@@ -237,3 +237,17 @@ def test_one_worker_takes_a_long_file_whole_as_segments_would_only_add_run_ins_a
     backgrounds = {tmp_path / "out.mp4": "#00ff00"}
     assert [len(r.jobs) for r in _plan(args, pairs, backgrounds, "t", 1)] == [1]
     assert [len(r.jobs) for r in _plan(args, pairs, backgrounds, "t", 2)] == [4]
+
+
+def test_a_workers_decoder_and_encoder_threads_follow_its_share_of_a_big_node_not_the_node(monkeypatch):
+    from rmbg_stream import tuning
+    from rmbg_stream.media.reader import io_threads
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    assert io_threads() == 32, "one process owns the node"
+    tuning.limit_cores(4)  # what Worker does with --cluster-cpus 4
+    try:
+        assert tuning.cores() == 4 and io_threads() == 2
+    finally:
+        tuning.limit_cores(None)
+    assert io_threads() == 32
