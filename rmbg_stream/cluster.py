@@ -10,7 +10,13 @@ run again (`max_task_retries` = `--retries`), possibly on another node. We keep 
 A video longer than `--segment-seconds` is cut at keyframes. Each segment decodes `RUNIN_FRAMES` frames before
 its start and drops their results, so temporal smoothing has the same history as in one process: with
 smoothing 0 a segmented output equals the single-process one frame for frame. Every frame keeps its source pts,
-so the joined file's timestamps are the source's (variable frame rate too) without any offset arithmetic.
+so the joined file's timestamps are the source's (variable frame rate too) without any offset arithmetic. A PNG
+sequence's segments are hidden folders of frames numbered by their place in the whole, moved into one folder.
+With one worker a file goes whole: segments give nothing to run in parallel.
+
+Start-up: the actors (a process, torch, the model: 2-5 s on two cores) start while this process probes the
+inputs, and serve every file of the command. Per frame, a worker pays one clock read (progress goes to the tally
+at most every PROGRESS_EVERY seconds); its fps on a whole file equals one process's (measured 284 against 291).
 
 Storage: inputs and outputs are paths every node sees (a shared mount). Outputs stay atomic: segments and the
 joined file are hidden names beside the output until the rename; the driver removes every temporary name of
