@@ -94,6 +94,9 @@ def test_folder_and_long_clip_equal_single_process_frame_for_frame_with_smoothin
     ok = {Path(f["input"]).name: f for f in report["files"] if f["status"] == "ok"}
     assert ok["long.mp4"]["frames_out"] == 120 and ok["short.mp4"]["frames_out"] == 12
     assert sum(report["workers"].values()) == 132
+    assert 0 < report["startup_s"] < report["seconds"]
+    assert ok["long.mp4"]["seconds"] <= report["seconds"] - report["startup_s"] + 0.05, \
+        "a segmented file's time starts at its first segment, not before the workers were up"
     assert hidden(tmp_path / "out") == [] and not (tmp_path / "out" / "broken.mp4").exists()
 
     assert cli(long_clip, "-o", tmp_path / "single.mp4", "--smoothing", "0", cluster=False)[0] == 0
