@@ -10,7 +10,13 @@ run again (`max_task_retries` = `--retries`), possibly on another node. We keep 
 A video longer than `--segment-seconds` is cut at keyframes. Each segment decodes `RUNIN_FRAMES` frames before
 its start and drops their results, so temporal smoothing has the same history as in one process: with
 smoothing 0 a segmented output equals the single-process one frame for frame. Every frame keeps its source pts,
-so the joined file's timestamps are the source's (variable frame rate too) without any offset arithmetic.
+so the joined file's timestamps are the source's (variable frame rate too) without any offset arithmetic. A PNG
+sequence's segments are hidden folders of frames numbered by their place in the whole, moved into one folder.
+With one worker a file goes whole: segments give nothing to run in parallel.
+
+Start-up: the actors (a process, torch, the model: 2-5 s on two cores) start while this process probes the
+inputs, and serve every file of the command. Per frame, a worker pays one clock read (progress goes to the tally
+at most every PROGRESS_EVERY seconds); its fps on a whole file equals one process's (measured 284 against 291).
 
 Storage: inputs and outputs are paths every node sees (a shared mount). Outputs stay atomic: segments and the
 joined file are hidden names beside the output until the rename; the driver removes every temporary name of
@@ -24,6 +30,7 @@ import glob
 import json
 import os
 import secrets
+import shutil
 import signal
 import sys
 import threading
@@ -45,7 +52,9 @@ LIST_SUFFIXES = {".txt", ".list"}  # a text file naming one input per line
 # weight follows motion, and on a still scene the old state fades by about half a frame at the default 0.5:
 # 24 frames leave < 1e-4 of it (well under one 8-bit step), for 24 / 1800 = 1.3 % more work at 30 fps, 60 s.
 RUNIN_FRAMES = 24
-PROGRESS_EVERY = 0.3  # seconds between a worker's progress reports
+# Seconds between a worker's progress reports: a fire-and-forget call to the tally, so the per-frame cost is one
+# clock read (measured: the actor's fps on a whole file is the single process's, 284 against 291 at 640x360).
+PROGRESS_EVERY = 0.5
 
 
 def require_ray():
@@ -68,6 +77,7 @@ class Segment:
     start: int  # first pts written
     end: int | None  # first pts of the next segment; None: to the end
     frames: int  # frames in [start, end)
+    number: int  # frames before `start` in the whole file (a PNG sequence numbers this segment's from number + 1)
 
 
 @dataclass(frozen=True)
@@ -127,7 +137,7 @@ def plan_segments(p: Probe, seconds: float, run_in: int = RUNIN_FRAMES) -> list[
         last = bisect.bisect_left(p.pts, end) if end is not None else len(p.pts)
         begin = p.pts[max(0, first - run_in)]
         seek = None if i == 0 else p.keyframes[max(0, bisect.bisect_right(p.keyframes, begin) - 1)]
-        segments.append(Segment(i, seek, begin, start, end, last - first))
+        segments.append(Segment(i, seek, begin, start, end, last - first, first))
     return segments
 
 
@@ -229,21 +239,25 @@ class Worker:
     """One engine per actor process (a Ray actor); `run(job)` returns a result dict and never raises for a bad
     input, so Ray retries only what a dead process left unfinished."""
 
-    def __init__(self, index: int, model: dict, batch: int, cpus: float, tally: str):
+    def __init__(self, index: int, model: dict, batch: int, cpus: float | None, tally: str):
+        """`cpus`: the worker's share of its node without GPUs (thread counts follow it); None with a GPU, whose
+        decoders and encoders feed the card with the node's threads, as one process does."""
         import ray
         import torch
 
         from .engine.engine import Engine
         from .engine.setup import build_backend
-        from .tuning import share_cpu
+        from .tuning import cores, limit_cores, share_cpu
 
+        limit_cores(cpus)  # before any thread count is chosen
         # By name, not a handle: a restarted actor gets its arguments again, and plain ones cannot go missing.
         self.index, self.tally = index, ray.get_actor(tally)
         backend = build_backend(SimpleNamespace(**model))
         share_cpu(backend)
-        if backend.device.type == "cpu":  # the actor's share, not the node's cores
-            torch.set_num_threads(max(1, min(torch.get_num_threads(), int(cpus))))
+        if backend.device.type == "cpu":
+            torch.set_num_threads(max(1, min(torch.get_num_threads(), cores())))
         self.engine = Engine(backend, max_batch=max(1, batch), max_wait_ms=4)
+        self.ready_at = time.time()  # wall clock: the driver reports its start-up (process, imports, model) apart
 
     def pid(self) -> int:
         return os.getpid()
@@ -262,11 +276,12 @@ class Worker:
         seg = job.segment
         origin = segment_origin(job.dest, seg)
         opener = (lambda yuv: SegmentReader(job.src, seg, yuv, origin)) if seg is not None else None
-        result = {"job": job.id, "worker": self.index, "status": "ok", "error": None}
+        numbering = {"keep_from": seg.start - origin, "number_from": seg.number + 1} if seg is not None else {}
+        result = {"job": job.id, "worker": self.index, "status": "ok", "error": None, "ready_at": self.ready_at,
+                  "started": time.time()}
         try:
             s = transcode_file(self.engine, job.src, job.dest, background=parse_background(job.background),
-                               on_frame=on_frame, open_reader=opener, keep_from=seg.start - origin if seg else None,
-                               **job.options)
+                               on_frame=on_frame, open_reader=opener, **numbering, **job.options)
             result.update(frames_in=s.frames_in, frames_out=s.frames_out, seconds=s.seconds, warnings=s.warnings)
         except (MediaError, ValueError, RuntimeError, OSError, av.error.FFmpegError) as exc:
             bad = isinstance(exc, ValueError) and not isinstance(exc, av.error.FFmpegError)
@@ -293,7 +308,7 @@ def join_segments(parts: list[tuple[Path, int]], dest: Path, src: str, video_ind
     """Remux the segments' video packets (same encoder settings; each (file, origin in `time_base`)) into `dest`
     at the source's pts, with the source's audio and subtitles as single-process mode copies them; atomic.
     Returns (frames, warnings)."""
-    from .media.writer import CONTAINERS, DEFAULTS, _Passthrough  # the writer's own stream copier, not a second one
+    from .media.writer import CONTAINERS, DEFAULTS, Passthrough  # the writer's own stream copier, not a second one
 
     fmt = CONTAINERS[dest.suffix.lower()]
     tmp = dest.parent / f".{dest.name}.{secrets.token_hex(4)}.part"
@@ -306,7 +321,7 @@ def join_segments(parts: list[tuple[Path, int]], dest: Path, src: str, video_ind
             template = first.streams.video[0]
             vs = out.add_stream_from_template(template)
             vs.time_base = template.time_base
-        passthrough = _Passthrough(src, out, video_index, DEFAULTS[fmt][2], warnings.append)
+        passthrough = Passthrough(src, out, video_index, DEFAULTS[fmt][2], warnings.append)
         out.metadata.update({k: v for k, v in passthrough.src.metadata.items()
                              if k.lower() not in ("major_brand", "minor_version", "compatible_brands", "encoder")})
         last_dts = None
@@ -344,6 +359,29 @@ def join_segments(parts: list[tuple[Path, int]], dest: Path, src: str, video_ind
     return frames, warnings
 
 
+def join_frames(parts: list[Path], dest: Path, frames: int) -> int:
+    """Move the segments' PNG frames (each folder numbered from its place in the whole) into one folder and rename
+    that onto `dest`, atomic as a single process's sequence is; returns the frame count, which must be `frames`
+    numbered 1..frames without a gap."""
+    from .media.writer import PNG_PATTERN, check_png_folder, commit_folder
+
+    check_png_folder(dest)
+    tmp = dest.parent / f".{dest.name}.{secrets.token_hex(4)}.part"
+    tmp.mkdir(parents=True)
+    try:
+        names = [f.name for part in parts for f in part.iterdir()]
+        if sorted(names) != sorted(PNG_PATTERN % i for i in range(1, frames + 1)):
+            raise RuntimeError(f"the segments hold {len(names)} frames, not frames 1 to {frames}")
+        for part in parts:
+            for f in part.iterdir():
+                os.replace(f, tmp / f.name)
+        commit_folder(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return frames
+
+
 def temporaries(dest: Path) -> list[Path]:
     """Every hidden name this job's output can have left beside it: the writer's, the join's, the segments'."""
     d, name = dest.parent, glob.escape(dest.name)
@@ -351,10 +389,18 @@ def temporaries(dest: Path) -> list[Path]:
             for p in glob.glob(str(d / pattern))]
 
 
+def remove(path: Path) -> None:
+    """A temporary file, or folder (PNG segments), gone."""
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
 def sweep(dests) -> None:
     for dest in dests:
         for p in temporaries(Path(dest)):
-            p.unlink(missing_ok=True)
+            remove(p)
 
 
 # -- the command (driver)
@@ -368,8 +414,8 @@ class FileRun:
     dest: Path
     jobs: list[Job]
     probe: Probe | None
+    png: bool  # a PNG sequence: segments are folders of frames, joined by moving the files
     results: dict[int, dict] = field(default_factory=dict)
-    started: float = field(default_factory=time.perf_counter)
     summary: Summary | None = None
 
 
@@ -409,7 +455,7 @@ class ClusterProgress:
 def _check(args, pairs) -> dict[Path, str]:
     """Every option and output checked before Ray starts; the background text for each output."""
     from .engine.composite import parse_background
-    from .media.writer import alpha_capable, plan
+    from .media.writer import alpha_capable, check_png_folder, is_png_sequence, plan
 
     if not 0.0 <= args.smoothing <= 1.0:
         raise ValueError(f"--smoothing must be within 0..1, got {args.smoothing}")
@@ -421,12 +467,16 @@ def _check(args, pairs) -> dict[Path, str]:
         bg = parse_background(text)
         check_video_background(bg)
         plan(out, "gray" if args.mask else ("rgba" if bg.kind == "transparent" else "rgb"), 2, 2, args.codec, args.crf)
+        if is_png_sequence(out):  # now, not when the segments are joined after all the work
+            check_png_folder(out)
         backgrounds[out] = text
     return backgrounds
 
 
-def _plan(args, pairs, backgrounds, token: str) -> list[FileRun]:
-    """The jobs: a file whole, or its segments when it is longer than --segment-seconds (not PNG sequences)."""
+def _plan(args, pairs, backgrounds, token: str, workers: int) -> list[FileRun]:
+    """The jobs: a file whole, or its segments when it is longer than --segment-seconds and there are workers to
+    share them (one worker gains nothing from segments and would pay their run-ins and the join). A PNG sequence's
+    segments are hidden folders, made here so the writer sees folders, numbered from each one's place."""
     from .media.writer import is_png_sequence
 
     options = {"mask": args.mask, "smoothing": args.smoothing, "decontaminate": args.decontaminate,
@@ -434,13 +484,16 @@ def _plan(args, pairs, backgrounds, token: str) -> list[FileRun]:
     runs, n = [], 0
     for src, dest in pairs:
         p = probe(src)
-        segments = plan_segments(p, args.segment_seconds) if p and not is_png_sequence(dest) else []
+        png = is_png_sequence(dest)
+        segments = plan_segments(p, args.segment_seconds) if p and workers > 1 else []
         jobs = []
         for seg in segments or [None]:
             part = dest if seg is None else dest.parent / f".{dest.name}.{token}.seg{seg.index:04d}{dest.suffix}"
+            if seg is not None and png:
+                part.mkdir(parents=True)
             jobs.append(Job(n, str(src), str(part), backgrounds[dest], options, seg))
             n += 1
-        runs.append(FileRun(src, dest, jobs, p))
+        runs.append(FileRun(src, dest, jobs, p, png))
     return runs
 
 
@@ -465,14 +518,24 @@ def _workers(ray, args, tally: str) -> list:
     model = {k: getattr(args, k, None) for k in ("model", "device", "precision", "resolution", "patch_order")}
     cls = ray.remote(Worker).options(num_gpus=1 if gpus else 0, num_cpus=args.cluster_cpus, max_restarts=-1,
                                      max_task_retries=args.retries)
-    return [cls.remote(i, model, args.batch, args.cluster_cpus, tally) for i in range(n)]
+    return [cls.remote(i, model, args.batch, None if gpus else args.cluster_cpus, tally) for i in range(n)]
+
+
+def _join(run: FileRun) -> tuple[int, list[str]]:
+    """A segmented file's parts joined at its output: (frames, warnings)."""
+    if run.png:
+        from .media.writer import dropped_streams
+
+        frames = join_frames([Path(j.dest) for j in run.jobs], run.dest, sum(j.segment.frames for j in run.jobs))
+        return frames, dropped_streams(str(run.src), run.probe.video_index)
+    parts = [(Path(j.dest), segment_origin(j.dest, j.segment)) for j in run.jobs]
+    return join_segments(parts, run.dest, str(run.src), run.probe.video_index, run.probe.time_base)
 
 
 def _finish_file(run: FileRun) -> Summary:
     """All of a file's jobs are back: its summary; segments joined (or discarded when one failed)."""
     res = [run.results[j.id] for j in run.jobs]
     bad = next((r for r in res if r["status"] != "ok"), None)
-    seconds = round(time.perf_counter() - run.started, 3)
     if bad is None and run.jobs[0].segment is not None:
         short = next((j for j, r in zip(run.jobs, res) if r["frames_out"] != j.segment.frames), None)
         if short is not None:
@@ -480,17 +543,17 @@ def _finish_file(run: FileRun) -> Summary:
                    f"{run.results[short.id]['frames_out']} of {short.segment.frames} frames"}
         else:
             try:
-                parts = [(Path(j.dest), segment_origin(j.dest, j.segment)) for j in run.jobs]
-                frames, warnings = join_segments(parts, run.dest, str(run.src), run.probe.video_index,
-                                                 run.probe.time_base)
+                frames, warnings = _join(run)
             except (RuntimeError, OSError, ValueError, av.error.FFmpegError) as exc:
                 bad = {"status": "error", "error": f"{run.src}: joining the segments: {exc}"}
             else:
+                # From its first segment's start (worker clocks) to the end of the join: the file's wall time.
+                seconds = round(time.time() - min(r["started"] for r in res), 3)
                 s = Summary(str(run.src), str(run.dest), frames_in=sum(r["frames_in"] for r in res),
                             frames_out=frames, seconds=seconds, warnings=res[0].get("warnings", []) + warnings)
     if run.jobs[0].segment is not None:
         for j in run.jobs:
-            Path(j.dest).unlink(missing_ok=True)
+            remove(Path(j.dest))
     if bad is not None:
         text = bad["error"] if str(bad["error"]).startswith(str(run.src)) else f"{run.src}: {bad['error']}"
         print(f"error: {text}", file=sys.stderr)
@@ -503,13 +566,16 @@ def _finish_file(run: FileRun) -> Summary:
     return s
 
 
-def _drive(ray, pool, runs: list[FileRun], tally, progress: ClusterProgress, retries: int) -> dict[int, int]:
-    """Submit every job to the pool and collect results as they come; returns frames written per worker."""
+def _drive(ray, pool, runs: list[FileRun], tally, progress: ClusterProgress, retries: int
+           ) -> tuple[dict[int, int], float | None]:
+    """Submit every job to the pool and collect results as they come; returns the frames written per worker and
+    when (wall clock) the first worker was ready."""
     owner = {j.id: r for r in runs for j in r.jobs}
     for r in runs:
         for j in r.jobs:
             pool.submit(lambda actor, job: actor.run.remote(job), j)
     per_worker: dict[int, int] = {}
+    ready: float | None = None
     while pool.has_next():
         try:
             res = pool.get_next_unordered(timeout=0.5)
@@ -519,6 +585,7 @@ def _drive(ray, pool, runs: list[FileRun], tally, progress: ClusterProgress, ret
         except ray.exceptions.RayActorError:  # died more than --retries times on this job: the job fails below
             continue
         per_worker[res["worker"]] = per_worker.get(res["worker"], 0) + res.get("frames_out", 0)
+        ready = min(ready or res["ready_at"], res["ready_at"])
         run = owner[res["job"]]
         run.results[res["job"]] = res
         if len(run.results) == len(run.jobs):
@@ -530,7 +597,7 @@ def _drive(ray, pool, runs: list[FileRun], tally, progress: ClusterProgress, ret
                 run.results.setdefault(j.id, {"status": "error", "frames_in": 0, "frames_out": 0,
                                               "error": f"worker died {retries + 1} times"})
             run.summary = _finish_file(run)
-    return per_worker
+    return per_worker, ready
 
 
 def _stop(ray, actors) -> None:
@@ -560,35 +627,38 @@ def run_cli(args) -> int:
     if not pairs:
         raise ValueError(f"{src}: no video files in it")
     backgrounds = _check(args, pairs)
-    runs = _plan(args, pairs, backgrounds, secrets.token_hex(4))
-    total = sum(len(r.probe.pts) for r in runs if r.probe)
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if threading.current_thread() is threading.main_thread() \
         else None
-    started, actors, progress = False, [], None
-    t0 = time.perf_counter()
+    started, actors, progress, runs = False, [], None, []
+    t0, wall0 = time.perf_counter(), time.time()
     try:
         started = _connect(ray, args)
         name = f"rmbg-tally-{secrets.token_hex(4)}"
         tally = ray.remote(Tally).options(num_cpus=0, name=name).remote()
+        # The actors start (a process, torch, the model: seconds) while this process probes the inputs.
         actors = _workers(ray, args, name)
+        runs = _plan(args, pairs, backgrounds, secrets.token_hex(4), len(actors))
+        total = sum(len(r.probe.pts) for r in runs if r.probe)
         progress = ClusterProgress(total, len(actors), args.quiet)
-        per_worker = _drive(ray, ActorPool(actors), runs, tally, progress, args.retries)
+        per_worker, ready = _drive(ray, ActorPool(actors), runs, tally, progress, args.retries)
     finally:
         if progress is not None:
             progress.close()
         if actors:
             _stop(ray, actors)
-        sweep([r.dest for r in runs])
+        sweep([dest for _, dest in pairs])
         if started:
             ray.shutdown()
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
-    return _report(args, src, dest, [r.summary for r in runs], per_worker, time.perf_counter() - t0)
+    startup = round(ready - wall0, 3) if ready is not None else None
+    return _report(args, src, dest, [r.summary for r in runs], per_worker, time.perf_counter() - t0, startup)
 
 
 def _report(args, src: Path, dest: Path, summaries: list[Summary], per_worker: dict[int, int],
-            seconds: float) -> int:
-    """The failures listed, the --json summary printed; the exit status (as single-process mode)."""
+            seconds: float, startup: float | None) -> int:
+    """The failures listed, the --json summary printed; the exit status (as single-process mode). `startup`:
+    seconds from the command's start (Ray connected or started) until the first worker had its model loaded."""
     failures = [s for s in summaries if s.status != "ok"]
     many = len(summaries) > 1 or src.is_dir()
     if many and failures:
@@ -608,9 +678,10 @@ def _report(args, src: Path, dest: Path, summaries: list[Summary], per_worker: d
                       "frames_in": sum(s.frames_in for s in summaries), "frames_out": frames,
                       "seconds": round(seconds, 3), "fps": round(frames / max(seconds, 1e-9), 2),
                       "files": [asdict(s) for s in summaries],
-                      "failures": [{"input": s.input, "error": s.error} for s in failures], "workers": workers}
+                      "failures": [{"input": s.input, "error": s.error} for s in failures], "workers": workers,
+                      "startup_s": startup}
         else:
-            report = asdict(summaries[0]) | {"workers": workers}
+            report = asdict(summaries[0]) | {"workers": workers, "startup_s": startup}
         print(json.dumps(report))
     if not failures:
         return 0

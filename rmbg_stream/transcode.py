@@ -89,7 +89,7 @@ def default_background(output: str | Path) -> Background:
 def transcode(engine: Engine, src: str | Path, dest: str | Path, *, background: Background | None = None,
               mask: bool = False, smoothing: float = 0.5, decontaminate: bool = False, codec: str | None = None,
               crf: int | None = None, on_frame=None, allow_truncated: bool = False, open_reader=None,
-              keep_from: int | None = None) -> Summary:
+              keep_from: int | None = None, number_from: int = 1) -> Summary:
     """One file. Raises MediaError for an unusable input (a truncated one too, unless `allow_truncated`: then
     what could be read is kept, with a warning), ValueError for an impossible output, anything else for failures
     along the way; in every case nothing is left at `dest`. `on_frame(done, total)` is called after each frame is
@@ -97,7 +97,8 @@ def transcode(engine: Engine, src: str | Path, dest: str | Path, *, background: 
 
     A part of a file (`cluster` segments): `open_reader(prefer_yuv)` gives a reader like VideoReader (`info`,
     `yuv`, `spec`, `decoded`, `truncated`, iteration, `close`); results before pts `keep_from` (the run-in that
-    gives temporal smoothing its history) are dropped, and no audio or subtitles are copied."""
+    gives temporal smoothing its history) are dropped, no audio or subtitles are copied, and a PNG sequence numbers
+    its frames from `number_from`."""
     src, dest = Path(src), Path(dest)
     if dest.exists() and src.exists() and dest.resolve() == src.resolve():
         raise ValueError(f"{dest}: the output would overwrite the input")
@@ -131,7 +132,8 @@ def transcode(engine: Engine, src: str | Path, dest: str | Path, *, background: 
     try:
         if background.kind == "video" and not mask:
             bg_video = LoopingVideo(background.path)
-        writer = VideoWriter(dest, info, mode, codec=codec, crf=crf, copy_from=None if open_reader else str(src))
+        writer = VideoWriter(dest, info, mode, codec=codec, crf=crf, copy_from=None if open_reader else str(src),
+                             number_from=number_from)
         options = StreamOptions(background=background, smoothing=smoothing, image=not mask, alpha=mask,
                                 decontaminate=decontaminate)
         stream = engine.open_stream(live=False, options=options, background_source=bg_video,

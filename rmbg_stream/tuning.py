@@ -17,6 +17,21 @@ if TYPE_CHECKING:
 
     from .engine.backends import Backend
 
+_CORES: int | None = None  # this process's share of the machine (`limit_cores`); None: all of it
+
+
+def cores() -> int:
+    """CPU cores this process may use: its share (a cluster worker's) or the machine's."""
+    return _CORES or os.cpu_count() or 1
+
+
+def limit_cores(n: int | None) -> None:
+    """This process owns `n` of the machine's cores (None: all): the engine's, decoders' and encoders' thread
+    counts follow the share, not the node. A cluster worker of 4 CPUs on a 64-core node would otherwise start 32
+    decoder and 32 encoder threads, and 16 such workers a thousand threads on 64 cores."""
+    global _CORES
+    _CORES = None if n is None else max(1, int(n))
+
 
 def passive_openmp() -> None:
     """OpenMP threads that spin while waiting make every small torch op 10-50x slower as soon as another process
@@ -64,4 +79,4 @@ def share_cpu(backend: Backend) -> None:
 
     sys.setswitchinterval(0.0005)
     if backend.device.type == "cpu" and backend.resolution is None:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) - 1))
+        torch.set_num_threads(max(1, cores() - 1))

@@ -17,6 +17,7 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
+from PIL import Image
 
 from rmbg_stream.cli import main
 
@@ -93,6 +94,9 @@ def test_folder_and_long_clip_equal_single_process_frame_for_frame_with_smoothin
     ok = {Path(f["input"]).name: f for f in report["files"] if f["status"] == "ok"}
     assert ok["long.mp4"]["frames_out"] == 120 and ok["short.mp4"]["frames_out"] == 12
     assert sum(report["workers"].values()) == 132
+    assert 0 < report["startup_s"] < report["seconds"]
+    assert ok["long.mp4"]["seconds"] <= report["seconds"] - report["startup_s"] + 0.05, \
+        "a segmented file's time starts at its first segment, not before the workers were up"
     assert hidden(tmp_path / "out") == [] and not (tmp_path / "out" / "broken.mp4").exists()
 
     assert cli(long_clip, "-o", tmp_path / "single.mp4", "--smoothing", "0", cluster=False)[0] == 0
@@ -189,3 +193,64 @@ def test_cluster_without_ray_is_one_line_naming_the_extra(tmp_path):
                        env=dict(os.environ, PYTHONPATH=str(REPO)))
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == ["error: --cluster needs Ray: pip install 'rmbg-stream[cluster]'"]
+
+
+def png_frames(folder: Path) -> tuple[list[str], list[np.ndarray]]:
+    names = sorted(p.name for p in folder.iterdir())
+    return names, [np.asarray(Image.open(folder / n)) for n in names]
+
+
+def test_a_png_sequence_is_segmented_across_workers_numbered_continuously_and_equal_to_single_process(
+        long_clip, tmp_path):
+    out = tmp_path / "frames"
+    rc, report = cli(long_clip, "-o", out, "--smoothing", "0")
+    assert rc == 0 and report["frames_out"] == 120
+    assert len([v for v in report["workers"].values() if v]) == 2, "the segments were shared by both workers"
+    assert cli(long_clip, "-o", tmp_path / "single", "--smoothing", "0", cluster=False)[0] == 0
+    names, got = png_frames(out)
+    ref_names, ref = png_frames(tmp_path / "single")
+    assert names == ref_names == [f"frame_{i:05d}.png" for i in range(1, 121)]
+    for i, (a, b) in enumerate(zip(got, ref)):
+        assert a.shape == (H, W, 4) and np.array_equal(a, b), f"frame {i + 1} differs from the single-process one"
+    assert hidden(tmp_path) == [], "segment folders and temporaries are gone"
+
+
+def test_a_png_sequence_replaces_an_earlier_one_and_refuses_a_folder_of_other_files_before_any_work(
+        long_clip, tmp_path):
+    out = tmp_path / "frames"
+    out.mkdir()
+    (out / "frame_00500.png").write_bytes(b"old")
+    assert cli(long_clip, "-o", out, "--smoothing", "0")[0] == 0
+    assert sorted(p.name for p in out.iterdir()) == [f"frame_{i:05d}.png" for i in range(1, 121)]
+    (out / "notes.txt").write_text("mine")
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        rc, _ = cli(long_clip, "-o", out)
+    assert rc == 2 and "folder holds other files (notes.txt" in err.getvalue()
+    assert len(list(out.iterdir())) == 121 and hidden(tmp_path) == []
+
+
+def test_one_worker_takes_a_long_file_whole_as_segments_would_only_add_run_ins_and_a_join(long_clip, tmp_path):
+    from types import SimpleNamespace
+
+    from rmbg_stream.cluster import _plan
+
+    args = SimpleNamespace(mask=False, smoothing=0.5, decontaminate=False, codec=None, crf=None, segment_seconds=1)
+    pairs = [(long_clip, tmp_path / "out.mp4")]
+    backgrounds = {tmp_path / "out.mp4": "#00ff00"}
+    assert [len(r.jobs) for r in _plan(args, pairs, backgrounds, "t", 1)] == [1]
+    assert [len(r.jobs) for r in _plan(args, pairs, backgrounds, "t", 2)] == [4]
+
+
+def test_a_workers_decoder_and_encoder_threads_follow_its_share_of_a_big_node_not_the_node(monkeypatch):
+    from rmbg_stream import tuning
+    from rmbg_stream.media.reader import io_threads
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    assert io_threads() == 32, "one process owns the node"
+    tuning.limit_cores(4)  # what Worker does with --cluster-cpus 4
+    try:
+        assert tuning.cores() == 4 and io_threads() == 2
+    finally:
+        tuning.limit_cores(None)
+    assert io_threads() == 32

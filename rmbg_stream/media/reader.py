@@ -8,7 +8,6 @@ Timestamps are never renumbered: each frame keeps its own ``pts`` in the stream'
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -17,6 +16,7 @@ import av
 import numpy as np
 
 from ..engine.yuv import i420_planes, spec_of
+from ..tuning import cores
 from .worker import END, Worker
 
 log = logging.getLogger(__name__)
@@ -27,8 +27,9 @@ VIDEO_SUFFIXES = {".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".mpg", ".mpe
 
 def io_threads() -> int:
     """Threads for each decoder, encoder and converter: half the cores, so that with a CPU engine (the
-    bottleneck there) file I/O never crowds out the model's own threads."""
-    return max(1, (os.cpu_count() or 2) // 2)
+    bottleneck there) file I/O never crowds out the model's own threads. Of this process's share of the cores
+    (`tuning.limit_cores`: a cluster worker's), not the whole machine's."""
+    return max(1, cores() // 2)
 
 
 class MediaError(Exception):

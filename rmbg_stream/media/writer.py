@@ -177,7 +177,7 @@ def check_png_folder(dest: Path) -> None:
             raise ValueError(f"{dest}: folder holds other files ({strangers[0]}, ...); choose an empty or new folder")
 
 
-class _Passthrough:
+class Passthrough:
     """The source's audio and subtitle streams: copied where the container takes the codec, audio re-encoded
     otherwise, anything else dropped with a warning. Packets are muxed in step with the video, so the output
     stays interleaved."""
@@ -272,30 +272,44 @@ class Sink(Protocol):
     def discard(self) -> None: ...
 
 
+def dropped_streams(source: str, video_index: int) -> list[str]:
+    """The warnings for the source's audio, subtitle and data streams, which a PNG sequence cannot hold."""
+    with av.open(source, metadata_errors="replace") as src:
+        return [f"{s.type} stream #{s.index} dropped: a PNG sequence has no {s.type}" for s in src.streams
+                if s.index != video_index and s.type in ("audio", "subtitle", "data")]
+
+
+def commit_folder(tmp: Path, path: Path) -> None:
+    """Rename the finished folder `tmp` onto `path`; an earlier sequence there (checked to hold only frames) is
+    swapped out, then removed."""
+    if path.is_dir():
+        old = _temp_beside(path, folder=True)
+        os.replace(path, old / "old")
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, path)
+
+
 class PngSequence:
     """A folder of frame_00001.png, frame_00002.png, ... (the order is the timestamps'; a PNG has no time). An
     earlier sequence at the target is replaced whole; a folder holding anything else is refused before anything is
     written."""
 
     def __init__(self, target: Target, info: VideoInfo, mode: str, copy_from: str | None,
-                 warn: Callable[[str], None]):
+                 warn: Callable[[str], None], number_from: int = 1):
+        """`number_from`: the first frame's number (a cluster segment writes its part of the whole's numbers)."""
         self.path = target.path
         check_png_folder(self.path)
         self.tmp = _temp_beside(self.path, folder=True)
-        self.count = 0
+        self.count = number_from - 1
         try:
             if copy_from:
-                self._note_dropped(copy_from, info.index, warn)
+                for text in dropped_streams(copy_from, info.index):
+                    warn(text)
         except BaseException:
             self.discard()
             raise
-
-    @staticmethod
-    def _note_dropped(source: str, video_index: int, warn: Callable[[str], None]) -> None:
-        with av.open(source, metadata_errors="replace") as src:
-            for s in src.streams:
-                if s.index != video_index and s.type in ("audio", "subtitle", "data"):
-                    warn(f"{s.type} stream #{s.index} dropped: a PNG sequence has no {s.type}")
 
     def write(self, image: np.ndarray, pts: int) -> None:
         self.count += 1
@@ -306,14 +320,7 @@ class PngSequence:
         pass  # every frame is a finished file already
 
     def commit(self) -> None:
-        if self.path.is_dir():
-            # An earlier sequence (checked to hold only frames) is swapped out, then removed.
-            old = _temp_beside(self.path, folder=True)
-            os.replace(self.path, old / "old")
-            os.replace(self.tmp, self.path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(self.tmp, self.path)
+        commit_folder(self.tmp, self.path)
 
     def discard(self) -> None:
         shutil.rmtree(self.tmp, ignore_errors=True)
@@ -328,7 +335,7 @@ class ContainerSink:
         self.target, self.info, self.mode = target, info, mode
         self.path = target.path
         self.container: av.container.OutputContainer | None = None
-        self.passthrough: _Passthrough | None = None
+        self.passthrough: Passthrough | None = None
         self.tmp = _temp_beside(self.path, folder=False)
         try:
             self._open(copy_from, warn)
@@ -357,7 +364,7 @@ class ContainerSink:
         self.sws = VideoReformatter()
         self.matrix = SWS_MATRIX.get(info.colorspace)
         if copy_from:
-            self.passthrough = _Passthrough(copy_from, out, info.index, DEFAULTS[t.format][2], warn)
+            self.passthrough = Passthrough(copy_from, out, info.index, DEFAULTS[t.format][2], warn)
             # Title, creation time, location...; the brand and encoder tags describe the old file, not this one.
             out.metadata.update({k: v for k, v in self.passthrough.src.metadata.items()
                                  if k.lower() not in ("major_brand", "minor_version", "compatible_brands", "encoder")})
@@ -409,7 +416,8 @@ class VideoWriter:
     error there is raised by the next `write` or by `close`."""
 
     def __init__(self, path: str | Path, info: VideoInfo, mode: str = "rgb", *, codec: str | None = None,
-                 crf: int | None = None, copy_from: str | None = None, queue_size: int = 8):
+                 crf: int | None = None, copy_from: str | None = None, queue_size: int = 8, number_from: int = 1):
+        """`number_from`: a PNG sequence's first frame number (1; a cluster segment starts at its place)."""
         self.info = info
         self.mode = mode
         self.target = plan(path, mode, info.width, info.height, codec, crf)
@@ -418,8 +426,11 @@ class VideoWriter:
         self.written = 0
         for note in self.target.notes:
             self._warn(note)
-        sink = PngSequence if self.target.format is None else ContainerSink
-        self._sink: Sink = sink(self.target, info, mode, copy_from, self._warn)
+        self._sink: Sink
+        if self.target.format is None:
+            self._sink = PngSequence(self.target, info, mode, copy_from, self._warn, number_from)
+        else:
+            self._sink = ContainerSink(self.target, info, mode, copy_from, self._warn)
         self._worker = Worker("rmbg-encode", self._run, queue_size)
 
     @property
