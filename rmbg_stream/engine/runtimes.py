@@ -94,7 +94,13 @@ class CompiledNet:
         self.cuda = device.type == "cuda"
         # Each (batch, h, w) is its own graph; the default limit of 8 would fall back to eager after 8 sizes.
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        self.fn = torch.compile(model, dynamic=False, mode="reduce-overhead" if self.cuda else None)
+        # CPU: freezing folds the weights into the graph as constants and lets inductor pre-pack them for oneDNN;
+        # measured 1.31x eager against 1.04x without it (Swin-T 256 batch 2, README "Runtimes"). The weights
+        # never change after loading, which is what freezing assumes.
+        if self.cuda:
+            self.fn = torch.compile(model, dynamic=False, mode="reduce-overhead")
+        else:
+            self.fn = torch.compile(model, dynamic=False, options={"freezing": True})
         self.seen: set[tuple[int, ...]] = set()
 
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-import torchvision
 from torch import nn
-from torchvision.ops import deform_conv2d
+
+# torchvision.ops.deform_conv2d, imported when the first DeformableConv2d is built: importing torchvision takes
+# 1.5-2 s, which the chroma keyer (and a cluster worker that runs it) would pay for nothing.
+deform_conv2d = None
 
 # torchvision before 0.29.0 launches deform_conv2d on the legacy default stream (pytorch/vision#9513): unordered
 # against the engine's compute stream, it would corrupt masks without an error. pyproject's floor keeps it out;
@@ -16,7 +18,10 @@ FIRST_STREAM_SAFE = (0, 29)
 
 def check_deform_stream(device: torch.device, version: str | None = None) -> None:
     """Refuses CUDA with a torchvision whose deform_conv2d ignores the current stream (one line, ValueError)."""
-    version = version or torchvision.__version__
+    if version is None:
+        import torchvision
+
+        version = torchvision.__version__
     major_minor = tuple(int(p) for p in version.split("+")[0].split(".")[:2])
     if device.type == "cuda" and major_minor < FIRST_STREAM_SAFE:
         raise ValueError(f"torchvision {version} runs deformable convolutions on the wrong CUDA stream, which "
@@ -27,7 +32,10 @@ class DeformableConv2d(nn.Module):
     """Modulated deformable convolution (DCNv2): offsets and a 0..2 modulator predicted from the input."""
 
     def __init__(self, cin: int, cout: int, k: int, padding: int):
+        global deform_conv2d
         super().__init__()
+        if deform_conv2d is None:
+            from torchvision.ops import deform_conv2d
         self.padding = padding
         self.offset_conv = nn.Conv2d(cin, 2 * k * k, k, 1, padding)
         self.modulator_conv = nn.Conv2d(cin, k * k, k, 1, padding)
