@@ -149,30 +149,47 @@ class OnnxBackend:
         self.guided = True
         self.device = device
         self.dtype = torch.float32
-        self.mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-        self.std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+        self.mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
+        self.std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+        self.input_name = self.session.get_inputs()[0].name
+        self.output_name = self.session.get_outputs()[-1].name  # the final mask's logits (out3)
 
     def input_size(self, h: int, w: int) -> tuple[int, int]:
         return self.resolution
 
-    def logits(self, x: np.ndarray) -> list[np.ndarray]:
-        """Normalised float32 (B,3,h,w) -> the graph's outputs [out0..out3] for those B images."""
+    def final_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalised float32 (B,3,h,w) on `device` -> the graph's last output (B,1,h,w), on `device` too.
+
+        Inputs and output are bound to torch's own memory (`io_binding`), so a CUDA batch never goes through the
+        host: the old `x.cpu().numpy()` path copied each batch down and the mask back up, with a sync each way.
+        """
         b = x.shape[0]
         step = self.batch or b
-        parts = []
+        out = torch.empty((b, 1, *self.resolution), dtype=torch.float32, device=x.device)
+        kind, index = x.device.type, x.device.index or 0
+        if kind == "cuda":
+            # onnxruntime runs on its own CUDA stream: what torch queued on ours must be done first.
+            torch.cuda.current_stream(x.device).synchronize()
         for i in range(0, b, step):
+            n = min(step, b - i)
             chunk = x[i : i + step]
-            if self.batch is not None and len(chunk) < self.batch:
-                chunk = pad_batch(torch.from_numpy(chunk), self.batch).numpy()
-            outs = self.session.run(None, {"x": np.ascontiguousarray(chunk)})
-            parts.append([o[: min(step, b - i)] for o in outs])
-        return [np.concatenate(p) for p in zip(*parts)]
+            if self.batch is not None and n < self.batch:
+                chunk = pad_batch(chunk, self.batch)
+            chunk = chunk.contiguous()
+            padded = len(chunk) > n
+            dest = torch.empty((len(chunk), *out.shape[1:]), device=x.device) if padded else out[i : i + n]
+            binding = self.session.io_binding()
+            binding.bind_input(self.input_name, kind, index, np.float32, tuple(chunk.shape), chunk.data_ptr())
+            binding.bind_output(self.output_name, kind, index, np.float32, tuple(dest.shape), dest.data_ptr())
+            self.session.run_with_iobinding(binding)  # returns when the outputs are written, on every provider
+            if padded:
+                out[i : i + n] = dest[:n]
+        return out
 
     @torch.inference_mode()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        x = ((x.float().cpu() - self.mean) / self.std).numpy()
-        alpha = torch.from_numpy(self.logits(x)[-1]).sigmoid_()
-        return alpha.to(self.device)
+        x = (x.to(self.device, torch.float32) - self.mean) / self.std
+        return self.final_logits(x).sigmoid_()
 
 
 def cache_home() -> Path:
