@@ -84,7 +84,7 @@ class Engine:
         self.cuda = self.api is not None  # the asynchronous branch: copy streams, events, the finisher thread
         self.compute_stream = self.api.stream() if self.cuda else None
         if self.cuda:
-            # Anything the backend prepared on the default stream (ChromaBackend.bias) is ready before our first
+            # Anything the backend prepared on the default stream (ChromaBackend.key_cbcr) is ready before our first
             # kernel reads it: one wait, at start.
             ready = self.api.event()
             ready.record(self.api.current_stream())
