@@ -17,7 +17,7 @@ import torch
 
 from ..device import pick_dtype
 from ..models import BiRefNet
-from ..tuning import fast_matmul
+from ..tuning import fast_convolutions, fast_matmul
 from .background import parse_background
 from .preprocess import check_size, fit_aspect
 from .runtimes import CompiledNet, OnnxBackend, cached_export, choose_runtime
@@ -52,6 +52,7 @@ class BiRefNetBackend:
                  name: str = "birefnet", aspect: bool = False, runtime: str = "eager"):
         check_size(resolution)
         fast_matmul()
+        fast_convolutions(device)
         self.name = name
         self.resolution = tuple(resolution)
         self.aspect = aspect

@@ -8,6 +8,7 @@ hands results back; on CUDA a second thread waits for the downloads so the worke
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
@@ -62,11 +63,30 @@ def _take(t: torch.Tensor, rows: list[int]) -> torch.Tensor:
     return torch.cat([t[j:j + 1] for j in rows])
 
 
+def batch_sizes(max_batch: int) -> list[int]:
+    """Every batch size the engine may hand the backend: a batch is the frames of one network input size, 1 to
+    `max_batch` of them (a compiled backend pads each up to its own sizes)."""
+    return list(range(1, max_batch + 1))
+
+
+def warm_up(backend: Backend, sizes: list[int]) -> None:
+    """One forward of mid-grey frames per batch size in `sizes` at the backend's nominal resolution, so that the
+    first real batch of each size pays no cuDNN autotuning (`tuning.fast_convolutions`), lazy initialisation or
+    compilation. Nothing for a backend without a resolution (the chroma keyer: element-wise, any size)."""
+    if backend.resolution is None:
+        return
+    h, w = backend.resolution
+    for b in sizes:
+        backend(torch.full((b, 3, h, w), 0.5, device=backend.device))
+
+
 class Engine:
     def __init__(self, backend: Backend, *, max_batch: int = 4, max_wait_ms: float = 4.0, guided_radius: int = 2,
-                 guided_eps: float = 1e-4, device_api=None):
+                 guided_eps: float = 1e-4, device_api=None, warm: bool | None = None):
         """`device_api`: the asynchronous device interface (`device_api.SimulatedDevice` in tests); default:
-        torch.cuda on a CUDA backend, none (synchronous) on the CPU."""
+        torch.cuda on a CUDA backend, none (synchronous) on the CPU. `warm`: run `warm_up` for every batch size
+        before the constructor returns (default: on CUDA, where the first batch of a size can stall a live stream
+        for seconds; the CPU has nothing to tune)."""
         self.backend = backend
         self.device = backend.device
         self.max_batch = max(1, max_batch)
@@ -91,8 +111,11 @@ class Engine:
             self.api.wait(self.compute_stream, ready)
         self._rr = 0
         self._downloads: queue.Queue = queue.Queue(maxsize=2)
+        self._warm = self.device.type == "cuda" if warm is None else warm
+        self._warmed = threading.Event()
         self._worker = threading.Thread(target=self._run, name="rmbg-engine", daemon=True)
         self._worker.start()
+        self._warmed.wait()  # in the worker: its device, its compute stream
         if self.cuda:
             self._finisher = threading.Thread(target=self._finish_loop, name="rmbg-engine-dl", daemon=True)
             self._finisher.start()
@@ -185,8 +208,7 @@ class Engine:
             return batch
 
     def _run(self) -> None:
-        if self.cuda:
-            self.api.enter_thread()
+        self._start()
         while (batch := self._collect()) is not None:
             if not batch:  # the streams that were ready closed while it waited for a fuller batch
                 continue
@@ -205,6 +227,20 @@ class Engine:
             # Not held while waiting for the next one: an idle engine keeps no frames (6 MB each at 1080p) and no
             # closed streams alive.
             del batch
+
+    def _start(self) -> None:
+        """The worker's first steps: its device, then the warm-up; the constructor waits for them, whatever
+        happens."""
+        try:
+            if self.cuda:
+                self.api.enter_thread()
+            if self._warm:
+                with self.api.use(self.compute_stream) if self.cuda else contextlib.nullcontext():
+                    warm_up(self.backend, batch_sizes(self.max_batch))
+        except Exception:  # the real batches will raise it again, per batch, where the streams see it
+            log.exception("engine warm-up failed")
+        finally:
+            self._warmed.set()
 
     @torch.inference_mode()
     def _process(self, batch: list[tuple[Stream, _Item]]) -> None:
