@@ -138,8 +138,8 @@ def test_the_key_distance_is_element_wise_maths_equal_to_a_float64_reference(aut
     x = screen_batch(3)
     alpha = backend(x)
     # The key's (Cb, Cr): learned (auto), or the colour's in float64.
-    key = backend.key_cbcr.tolist() if auto else (OLD_CONV.view(2, 3).double() @ (torch.tensor(GREEN_KEY).double() / 255)
-                                                  ).tolist()
+    colour = torch.tensor(GREEN_KEY, dtype=torch.float64) / 255
+    key = backend.key_cbcr.tolist() if auto else (OLD_CONV.view(2, 3).double() @ colour).tolist()
     want = alpha_f64(x, key)
     assert alpha.dtype == torch.float32 and alpha.shape == (2, 1, 37, 53)
     assert 0.05 < ((want > 0) & (want < 1)).double().mean() < 0.95  # the soft band is exercised
