@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -122,9 +123,12 @@ class Engine:
 
     def open_stream(self, *, live: bool, options: StreamOptions | None = None, max_in_flight: int | None = None,
                     on_result: Callable[[Result], None] | None = None, background_source=None,
-                    pixel_format: str = "rgb24", spec: YUVSpec | None = None) -> Stream:
+                    pixel_format: str = "rgb24", spec: YUVSpec | None = None,
+                    background_image: np.ndarray | None = None) -> Stream:
+        """`background_image`: the decoded pixels of an image background in `options` (else decoded here)."""
         n = max_in_flight or (2 if live else 2 * self.max_batch)
-        s = Stream(self, live, n, options or StreamOptions(), on_result, background_source, pixel_format, spec)
+        s = Stream(self, live, n, options or StreamOptions(), on_result, background_source, pixel_format, spec,
+                   background_image)
         with self.cond:
             if self.closed:
                 raise RuntimeError("engine is closed")
@@ -201,7 +205,7 @@ class Engine:
                     else:
                         item = s.pending.popleft()
                     s.processing += 1
-                    item.options = s.options
+                    item.options, item.image = s.options, s.image
                     batch.append((s, item))
                     progress = True
             self.cond.notify_all()  # producers blocked on back-pressure may go on
@@ -258,19 +262,34 @@ class Engine:
         self._download(batch, outputs)
 
     def _upload(self, batch: list[tuple[Stream, _Item]]) -> list:
-        """Each item's frame on the device: RGB uint8 (H,W,3), or uint8 (Y, U, V) planes; and each video
-        background frame, into `item.background_dev` as float (1,3,h,w)."""
-        arrays, extra = [], []
+        """Each item's frame on the device: RGB uint8 (H,W,3), or uint8 (Y, U, V) planes; and each background
+        `_host_backgrounds` lists, into `item.background_dev` as float (1,3,h,w). One copy on the upload stream:
+        the worker never waits for a host->device copy of its own."""
+        arrays = []
         for s, item in batch:
             arrays.extend(item.frame if s.yuv else [item.frame])
-            if item.background is not None:
-                extra.append(item.background)
-        dev = iter(self.uploader.upload(arrays + extra))
+        extra = self._host_backgrounds(batch)
+        dev = iter(self.uploader.upload(arrays + [a for _, a in extra]))
         frames = [tuple(next(dev) for _ in range(3)) if s.yuv else next(dev) for s, _ in batch]
-        for _, item in batch:
-            if item.background is not None:
-                item.background_dev = to_float(next(dev))
+        for item, _ in extra:
+            item.background_dev = to_float(next(dev))
         return frames
+
+    @staticmethod
+    def _host_backgrounds(batch: list[tuple[Stream, _Item]]) -> list[tuple[_Item, np.ndarray]]:
+        """The host backgrounds to upload with the batch: each image-background item's decoded image while its
+        stream has none prepared at the frame's size (once per stream and size), else its video frame, if any."""
+        out, seen = [], set()
+        for s, item in batch:
+            o = item.options
+            if o.background.kind == "image" and item.image is not None:
+                h, w = (item.frame[0] if s.yuv else item.frame).shape[:2]
+                if render.needs_background(o) and (id(s), h, w) not in seen and s.backgrounds.missing(o, h, w):
+                    seen.add((id(s), h, w))
+                    out.append((item, item.image.rgb))
+            elif item.background is not None:
+                out.append((item, item.background))
+        return out
 
     def _group(self, batch: list[tuple[Stream, _Item]], frames: list) -> list[_Group]:
         """Frames of one layout and size go through the network, smoothing and upsampling as one batch: on the
