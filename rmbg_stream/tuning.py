@@ -2,7 +2,7 @@
 
 Each setting says why, with the number it was measured at. `OMP_WAIT_POLICY` is set when the package is imported
 (it must precede torch's OpenMP runtime); the rest is called by the front end that wants it: `tune_server`
-(`serve`), `share_cpu` (`transcode`), `fast_matmul` (every network backend).
+(`serve`), `share_cpu` (`transcode`), `fast_matmul` and `fast_convolutions` (every network backend).
 """
 
 from __future__ import annotations
@@ -45,6 +45,16 @@ def fast_matmul() -> None:
     import torch
 
     torch.set_float32_matmul_precision("high")
+
+
+def fast_convolutions(device: torch.device) -> None:
+    """On CUDA, cuDNN times its convolution algorithms once per input shape and keeps the fastest
+    (``cudnn.benchmark``). That first call of each shape is slow, so the engine warms every batch size up before
+    any stream's frames (`engine.warm_up`). Nothing on the CPU."""
+    import torch
+
+    if torch.device(device).type == "cuda":
+        torch.backends.cudnn.benchmark = True
 
 
 def tune_server(device: torch.device) -> None:

@@ -108,3 +108,42 @@ def test_chroma_auto_stops_learning_after_its_first_frames():
     blue = torch.tensor((20, 40, 200), dtype=torch.float32).view(1, 3, 1, 1).expand(2, 3, 31, 45) / 255
     alpha = backend(blue.contiguous())
     assert backend.key == learned and alpha.min() == 1  # a later blue screen is foreground, not a new key
+
+
+GREEN_KEY = (0, 177, 64)
+OLD_CONV = torch.tensor([[-0.168736, -0.331264, 0.5], [0.5, -0.418688, -0.081312]]).view(2, 3, 1, 1)
+
+
+def alpha_f64(x: torch.Tensor, key_cbcr, tolerance: float = 0.12, softness: float = 0.08) -> torch.Tensor:
+    """The keyer's alpha in float64, one pixel at a time as the formula says: the distance in the CbCr plane."""
+    r, g, b = x.double().unbind(1)
+    cb = -0.168736 * r - 0.331264 * g + 0.5 * b - float(key_cbcr[0])
+    cr = 0.5 * r - 0.418688 * g - 0.081312 * b - float(key_cbcr[1])
+    return ((cb**2 + cr**2).sqrt() - tolerance).div(softness).clamp(0, 1)[:, None]
+
+
+def screen_batch(seed: int) -> torch.Tensor:
+    """Two odd, non-square green-screen frames whose noise puts many pixels in the soft band of the key."""
+    g = torch.Generator().manual_seed(seed)
+    green = torch.tensor(GREEN_KEY, dtype=torch.float32).view(1, 3, 1, 1) / 255
+    x = green + torch.randn(2, 3, 37, 53, generator=g) * 0.12
+    x[:, :, 10:30, 15:40] = torch.rand(2, 3, 20, 25, generator=g)  # a subject of random colours
+    return x.clamp(0, 1)
+
+
+@pytest.mark.parametrize("auto", [False, True])
+def test_the_key_distance_is_element_wise_maths_equal_to_a_float64_reference(auto):
+    """ChromaBackend was a 1x1 conv2d, which CUDA may run in TF32 (about 3 LSB of alpha): element-wise maths now."""
+    backend = ChromaBackend(CPU, key=None if auto else GREEN_KEY, learn_frames=2)
+    x = screen_batch(3)
+    alpha = backend(x)
+    # The key's (Cb, Cr): learned (auto), or the colour's in float64.
+    colour = torch.tensor(GREEN_KEY, dtype=torch.float64) / 255
+    key = backend.key_cbcr.tolist() if auto else (OLD_CONV.view(2, 3).double() @ colour).tolist()
+    want = alpha_f64(x, key)
+    assert alpha.dtype == torch.float32 and alpha.shape == (2, 1, 37, 53)
+    assert 0.05 < ((want > 0) & (want < 1)).double().mean() < 0.95  # the soft band is exercised
+    torch.testing.assert_close(alpha.double(), want, atol=2e-6, rtol=0)
+    old = torch.nn.functional.conv2d(x, OLD_CONV, -torch.tensor(key, dtype=torch.float32))  # what it was
+    old = old.square().sum(1, keepdim=True).sqrt().sub(0.12).div(0.08).clamp(0, 1)
+    torch.testing.assert_close(alpha, old, atol=2e-6, rtol=0)

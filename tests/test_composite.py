@@ -18,6 +18,7 @@ from rmbg_stream.engine.composite import (
     to_rgba,
     to_uint8,
 )
+from rmbg_stream.engine.preprocess import MAX_SHRINK, shrink_plan
 
 H, W = 24, 32
 RED = torch.tensor([1.0, 0.0, 0.0]).view(1, 3, 1, 1)
@@ -215,3 +216,29 @@ def test_no_host_reads():
         to_rgba(fg, alpha)[:, :3],
     ):
         assert to_uint8(out).shape == (2, 3, 64, 64)
+
+
+@pytest.mark.parametrize("src, dst", [((15000, 20000), (61, 97)), ((3000, 4000), (73, 97)), ((2000, 3000), (65, 97)),
+                                      ((100, 50), (10, 200)), ((80, 80), (10, 10)), ((37, 53), (37, 53))])
+def test_antialiased_shrinks_go_in_steps_of_at_most_8x_and_end_at_the_target(src, dst):
+    """CUDA's antialiased interpolate fails at about 30x: a 20000 px background onto a small frame got there."""
+    plan = shrink_plan(src, dst)
+    assert plan[-1] == dst
+    for a, b in zip([src] + plan, plan):
+        assert all(x <= MAX_SHRINK * y for x, y in zip(a, b)), (a, b)
+    assert len(plan) == 1 or max(s / d for s, d in zip(src, dst)) > MAX_SHRINK  # one step whenever one will do
+
+
+def test_a_3000x2000_background_on_an_odd_97x61_frame_is_close_to_one_exact_float64_resize():
+    h, w = 2000, 3000
+    yy, xx = torch.meshgrid(torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64), indexing="ij")
+    img = torch.stack([0.5 + 0.4 * torch.sin(xx / 170) * torch.cos(yy / 130),  # smooth waves,
+                       ((xx // 60 + yy // 60) % 2) * 0.8 + 0.1,  # 60 px squares: two output pixels each,
+                       (xx / w) * (yy / h)])[None]  # a ramp
+    noise = torch.rand(img.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    img = (img + 0.05 * noise).clamp(0, 1)
+    out = fit_background(img.float(), 61, 97)  # 31x: 2000x3000 -> 520x776 -> 65x97, then the middle rows
+    ref = F.interpolate(img, size=(65, 97), mode="bilinear", align_corners=False, antialias=True)[..., 2:63, :]
+    d = (out.double() - ref).abs() * 255
+    assert out.shape == (1, 3, 61, 97)
+    assert d.max() < 2 and d.mean() < 0.3  # LSB of 8 bits

@@ -265,3 +265,57 @@ def _from_host_side(broken: str) -> bool:
     finisher's (before reading the downloaded results), told apart by the calling thread."""
     finisher = threading.current_thread().name == "rmbg-engine-dl"
     return finisher if broken == "finisher skips the download event" else not finisher
+
+
+def test_image_backgrounds_on_the_simulated_device_equal_the_cpu_engine_and_are_decoded_off_the_worker(
+        tmp_path, monkeypatch):
+    """The worker decoded image backgrounds with PIL and copied them to the device with a blocking .to(device):
+    every stream waited. Now the opening thread decodes, and the image goes up with a batch's upload."""
+    from PIL import Image
+
+    from rmbg_stream.engine.composite import prepare_background, to_uint8
+    from rmbg_stream.media import images
+
+    rgb = np.random.default_rng(5).integers(0, 256, (83, 121, 3), dtype=np.uint8)  # odd, not the frames' aspect
+    rgb[20:60, 30:90] = (250, 20, 120)
+    path = tmp_path / "bg.png"
+    Image.fromarray(rgb).save(path)
+    threads = []
+    real = images.load_rgb
+
+    def load_rgb(*args, **kw):
+        threads.append(threading.current_thread().name)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(images, "load_rgb", load_rgb)
+    options = [StreamOptions(background=parse_background(str(path)), smoothing=0.4, alpha=True)]
+    expected = run_file_streams(None, n_streams=3, n=8, options=options)
+    sim = SimulatedDevice()
+    got = run_file_streams(sim, n_streams=3, n=8, options=options)
+    assert sim.hazards == []
+    assert_same(expected, got)
+    assert len(threads) == 6 and "rmbg-engine" not in threads  # each stream's opener, in both runs
+    for k, (h, w) in enumerate([(37, 53), (30, 41), (37, 53)]):
+        r = got[k][0]
+        bg = to_uint8(prepare_background(rgb, h, w)).permute(0, 2, 3, 1)[0].numpy()
+        keyed = r.alpha == 0
+        assert keyed.mean() > 0.3
+        np.testing.assert_array_equal(r.image[..., :3][keyed], bg[keyed])
+
+
+def test_a_new_image_background_is_decoded_by_set_options_and_a_bad_one_changes_nothing(tmp_path):
+    from PIL import Image
+
+    from rmbg_stream.media.images import ImageError
+
+    Image.fromarray(np.full((9, 13, 3), 200, np.uint8)).save(tmp_path / "a.png")
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    with Engine(ChromaBackend(CPU), device_api=SimulatedDevice()) as e:
+        s = e.open_stream(live=True)
+        s.set_options(background=parse_background(str(tmp_path / "a.png")))
+        assert s.image.path == str(tmp_path / "a.png") and s.image.rgb.shape == (9, 13, 3)
+        with pytest.raises(ImageError, match="bad.png"):
+            s.set_options(background=parse_background(str(tmp_path / "bad.png")), smoothing=0.1)
+        assert s.options.background.path == str(tmp_path / "a.png") and s.options.smoothing == 0.5
+        s.set_options(background=parse_background("blur"))
+        assert s.image is None

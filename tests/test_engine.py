@@ -399,3 +399,37 @@ def test_a_closed_stream_and_its_last_frames_are_freed_without_the_garbage_colle
         assert stream() is None and first() is None
     finally:
         gc.enable()
+
+
+class CountingBackend:
+    """A real backend that records the shape of every batch it is handed."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.name, self.device, self.dtype = inner.name, inner.device, inner.dtype
+        self.resolution, self.guided = inner.resolution, inner.guided
+        self.shapes: list[tuple[int, ...]] = []
+
+    def input_size(self, h: int, w: int):
+        return self.inner.input_size(h, w)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        self.shapes.append(tuple(x.shape))
+        return self.inner(x)
+
+
+def test_warm_up_runs_every_batch_size_the_engine_submits_before_the_constructor_returns():
+    """cudnn.benchmark tunes each input shape on its first call: seconds a live stream would stall on CUDA."""
+    backend = CountingBackend(create_backend("random:swin_v1_t", CPU, "fp32", (32, 64), runtime="eager"))
+    with Engine(backend, max_batch=3, max_wait_ms=2, warm=True) as e:
+        assert backend.shapes == [(1, 3, 32, 64), (2, 3, 32, 64), (3, 3, 32, 64)]
+        s = e.open_stream(live=False)
+        s.submit(green_frame(37, 53)[0])
+        assert s.get(timeout=30).image.shape == (37, 53, 4)
+    assert backend.shapes[3:] == [(1, 3, 32, 64)]
+
+
+def test_the_cpu_engine_warms_nothing_up_by_default():
+    backend = CountingBackend(create_backend("random:swin_v1_t", CPU, "fp32", (32, 64), runtime="eager"))
+    with Engine(backend, max_batch=3):
+        assert backend.shapes == []

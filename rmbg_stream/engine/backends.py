@@ -18,7 +18,7 @@ import torch
 from ..device import pick_dtype
 from ..models import BiRefNet
 from ..models.blocks import check_deform_stream
-from ..tuning import fast_matmul
+from ..tuning import fast_convolutions, fast_matmul
 from .background import parse_background
 from .preprocess import check_size, fit_aspect
 from .runtimes import CompiledNet, OnnxBackend, cached_export, choose_runtime
@@ -54,6 +54,7 @@ class BiRefNetBackend:
         check_size(resolution)
         check_deform_stream(device)
         fast_matmul()
+        fast_convolutions(device)
         self.name = name
         self.resolution = tuple(resolution)
         self.aspect = aspect
@@ -99,11 +100,9 @@ class ChromaBackend:
         self.guided = False  # see Backend
         self.device = device
         self.dtype = torch.float32
-        # RGB -> (Cb, Cr) as a 1x1 convolution whose bias subtracts the key: one pass over the frame.
-        m = torch.tensor([[-0.168736, -0.331264, 0.5], [0.5, -0.418688, -0.081312]], device=device)
-        self.weight = m.view(2, 3, 1, 1)
         self.key = None if self.auto else tuple(key)  # RGB 0..255; auto: the border colour learned so far
-        self.bias = None if self.auto else -(m @ (torch.tensor(key, dtype=torch.float32, device=device) / 255))
+        # The key's (Cb, Cr), a (2,) float32 device tensor: fixed here, or learned from the first frames.
+        self.key_cbcr = None if self.auto else torch.tensor(cbcr(*(c / 255 for c in key)), device=device)
         self.tolerance = tolerance
         self.softness = softness
         self.learn_frames = learn_frames
@@ -117,30 +116,43 @@ class ChromaBackend:
         """x: float (B,3,h,w) RGB 0..1 -> alpha float32 (B,1,h,w) 0..1."""
         if self.auto and len(self._seen) < self.learn_frames:
             self._learn(x)
-        d = torch.nn.functional.conv2d(x, self.weight, self.bias)
-        dist = d.square_().sum(1, keepdim=True).sqrt_()
+        # Element-wise, not a 1x1 convolution: on CUDA a float32 convolution may run in TF32, which moved the alpha
+        # by up to 3 LSB (yuv.py's conversions are element-wise for the same reason).
+        cb, cr = cbcr(x[:, 0:1], x[:, 1:2], x[:, 2:3])
+        cb, cr = cb.sub_(self.key_cbcr[0]), cr.sub_(self.key_cbcr[1])
+        dist = cb.square_().add_(cr.square_()).sqrt_()
         return dist.sub_(self.tolerance).div_(self.softness).clamp_(0, 1)
 
     def _learn(self, x: torch.Tensor) -> None:
         """Adds the border medians of the frames of `x` and keys the median over all frames seen so far."""
         for frame in x[: self.learn_frames - len(self._seen)]:
-            self._seen.append(border_median(frame, self.weight.view(2, 3), self.BORDER))
+            self._seen.append(border_median(frame, self.BORDER))
         m = torch.stack(self._seen).median(0).values
-        self.bias = -m[:2]
+        self.key_cbcr = m[:2]
         self.key = tuple(round(float(v) * 255) for v in m[2:])
         if len(self._seen) == self.learn_frames:
             log.info("chroma:auto: key #%02x%02x%02x, learned from the borders of %d frames", *self.key,
                      self.learn_frames)
 
 
-def border_median(frame: torch.Tensor, cbcr: torch.Tensor, border: float) -> torch.Tensor:
+CBCR = ((-0.168736, -0.331264, 0.5), (0.5, -0.418688, -0.081312))  # RGB -> Cb, Cr (BT.601, full range, centred)
+
+
+def cbcr(r, g, b) -> tuple:
+    """(Cb, Cr) of R, G, B 0..1 (tensors of one shape, or floats), centred on 0: element-wise, in the input's
+    precision."""
+    (a0, a1, a2), (b0, b1, b2) = CBCR
+    return r * a0 + g * a1 + b * a2, r * b0 + g * b1 + b * b2
+
+
+def border_median(frame: torch.Tensor, border: float) -> torch.Tensor:
     """(Cb, Cr, R, G, B) medians over the outer strips of a (3,h,w) RGB 0..1 frame, `border` of its height wide
-    (at least a pixel); `cbcr` (2,3) is RGB -> Cb/Cr. Medians ignore a subject that reaches an edge while it
-    covers less than half of the strips."""
+    (at least a pixel). Medians ignore a subject that reaches an edge while it covers less than half of the
+    strips."""
     k = max(1, round(border * frame.shape[-2]))
     strips = [frame[:, :k], frame[:, -k:], frame[:, k:-k, :k], frame[:, k:-k, -k:]]
     px = torch.cat([s.reshape(3, -1) for s in strips], 1)
-    return torch.cat([cbcr @ px, px]).median(1).values
+    return torch.cat([torch.stack(cbcr(*px)), px]).median(1).values
 
 
 def create_backend(name: str, device: torch.device, precision: str = "auto",

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from .background import Background, parse_background  # noqa: F401 (re-exported: many front ends import them here)
 from .filters import box_blur, half, upsample2x
+from .preprocess import resize
 from .smoothing import grey
 
 
@@ -174,8 +175,9 @@ def fit_background(bg: torch.Tensor, height: int, width: int) -> torch.Tensor:
     h, w = bg.shape[-2:]
     scale = max(height / h, width / w)
     nh, nw = max(height, round(h * scale)), max(width, round(w * scale))
-    if (nh, nw) != (h, w):
-        bg = F.interpolate(bg, size=(nh, nw), mode="bilinear", align_corners=False, antialias=scale < 1)
+    # Antialiased when shrinking (any side shrinks exactly when scale < 1), in steps a huge image does not overflow
+    # on CUDA (preprocess.MAX_SHRINK).
+    bg = resize(bg, (nh, nw))
     top, left = (nh - height) // 2, (nw - width) // 2
     return bg[..., top : top + height, left : left + width].contiguous()
 

@@ -8,6 +8,7 @@ hands results back; on CUDA a second thread waits for the downloads so the worke
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
@@ -16,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -62,11 +64,30 @@ def _take(t: torch.Tensor, rows: list[int]) -> torch.Tensor:
     return torch.cat([t[j:j + 1] for j in rows])
 
 
+def batch_sizes(max_batch: int) -> list[int]:
+    """Every batch size the engine may hand the backend: a batch is the frames of one network input size, 1 to
+    `max_batch` of them (a compiled backend pads each up to its own sizes)."""
+    return list(range(1, max_batch + 1))
+
+
+def warm_up(backend: Backend, sizes: list[int]) -> None:
+    """One forward of mid-grey frames per batch size in `sizes` at the backend's nominal resolution, so that the
+    first real batch of each size pays no cuDNN autotuning (`tuning.fast_convolutions`), lazy initialisation or
+    compilation. Nothing for a backend without a resolution (the chroma keyer: element-wise, any size)."""
+    if backend.resolution is None:
+        return
+    h, w = backend.resolution
+    for b in sizes:
+        backend(torch.full((b, 3, h, w), 0.5, device=backend.device))
+
+
 class Engine:
     def __init__(self, backend: Backend, *, max_batch: int = 4, max_wait_ms: float = 4.0, guided_radius: int = 2,
-                 guided_eps: float = 1e-4, device_api=None):
+                 guided_eps: float = 1e-4, device_api=None, warm: bool | None = None):
         """`device_api`: the asynchronous device interface (`device_api.SimulatedDevice` in tests); default:
-        torch.cuda on a CUDA backend, none (synchronous) on the CPU."""
+        torch.cuda on a CUDA backend, none (synchronous) on the CPU. `warm`: run `warm_up` for every batch size
+        before the constructor returns (default: on CUDA, where the first batch of a size can stall a live stream
+        for seconds; the CPU has nothing to tune)."""
         self.backend = backend
         self.device = backend.device
         self.max_batch = max(1, max_batch)
@@ -84,24 +105,30 @@ class Engine:
         self.cuda = self.api is not None  # the asynchronous branch: copy streams, events, the finisher thread
         self.compute_stream = self.api.stream() if self.cuda else None
         if self.cuda:
-            # Anything the backend prepared on the default stream (ChromaBackend.bias) is ready before our first
+            # Anything the backend prepared on the default stream (ChromaBackend.key_cbcr) is ready before our first
             # kernel reads it: one wait, at start.
             ready = self.api.event()
             ready.record(self.api.current_stream())
             self.api.wait(self.compute_stream, ready)
         self._rr = 0
         self._downloads: queue.Queue = queue.Queue(maxsize=2)
+        self._warm = self.device.type == "cuda" if warm is None else warm
+        self._warmed = threading.Event()
         self._worker = threading.Thread(target=self._run, name="rmbg-engine", daemon=True)
         self._worker.start()
+        self._warmed.wait()  # in the worker: its device, its compute stream
         if self.cuda:
             self._finisher = threading.Thread(target=self._finish_loop, name="rmbg-engine-dl", daemon=True)
             self._finisher.start()
 
     def open_stream(self, *, live: bool, options: StreamOptions | None = None, max_in_flight: int | None = None,
                     on_result: Callable[[Result], None] | None = None, background_source=None,
-                    pixel_format: str = "rgb24", spec: YUVSpec | None = None) -> Stream:
+                    pixel_format: str = "rgb24", spec: YUVSpec | None = None,
+                    background_image: np.ndarray | None = None) -> Stream:
+        """`background_image`: the decoded pixels of an image background in `options` (else decoded here)."""
         n = max_in_flight or (2 if live else 2 * self.max_batch)
-        s = Stream(self, live, n, options or StreamOptions(), on_result, background_source, pixel_format, spec)
+        s = Stream(self, live, n, options or StreamOptions(), on_result, background_source, pixel_format, spec,
+                   background_image)
         with self.cond:
             if self.closed:
                 raise RuntimeError("engine is closed")
@@ -178,15 +205,14 @@ class Engine:
                     else:
                         item = s.pending.popleft()
                     s.processing += 1
-                    item.options = s.options
+                    item.options, item.image = s.options, s.image
                     batch.append((s, item))
                     progress = True
             self.cond.notify_all()  # producers blocked on back-pressure may go on
             return batch
 
     def _run(self) -> None:
-        if self.cuda:
-            self.api.enter_thread()
+        self._start()
         while (batch := self._collect()) is not None:
             if not batch:  # the streams that were ready closed while it waited for a fuller batch
                 continue
@@ -206,6 +232,20 @@ class Engine:
             # closed streams alive.
             del batch
 
+    def _start(self) -> None:
+        """The worker's first steps: its device, then the warm-up; the constructor waits for them, whatever
+        happens."""
+        try:
+            if self.cuda:
+                self.api.enter_thread()
+            if self._warm:
+                with self.api.use(self.compute_stream) if self.cuda else contextlib.nullcontext():
+                    warm_up(self.backend, batch_sizes(self.max_batch))
+        except Exception:  # the real batches will raise it again, per batch, where the streams see it
+            log.exception("engine warm-up failed")
+        finally:
+            self._warmed.set()
+
     @torch.inference_mode()
     def _process(self, batch: list[tuple[Stream, _Item]]) -> None:
         """One batch through its stages: upload, group, network, smoothing and rendering, download."""
@@ -222,19 +262,34 @@ class Engine:
         self._download(batch, outputs)
 
     def _upload(self, batch: list[tuple[Stream, _Item]]) -> list:
-        """Each item's frame on the device: RGB uint8 (H,W,3), or uint8 (Y, U, V) planes; and each video
-        background frame, into `item.background_dev` as float (1,3,h,w)."""
-        arrays, extra = [], []
+        """Each item's frame on the device: RGB uint8 (H,W,3), or uint8 (Y, U, V) planes; and each background
+        `_host_backgrounds` lists, into `item.background_dev` as float (1,3,h,w). One copy on the upload stream:
+        the worker never waits for a host->device copy of its own."""
+        arrays = []
         for s, item in batch:
             arrays.extend(item.frame if s.yuv else [item.frame])
-            if item.background is not None:
-                extra.append(item.background)
-        dev = iter(self.uploader.upload(arrays + extra))
+        extra = self._host_backgrounds(batch)
+        dev = iter(self.uploader.upload(arrays + [a for _, a in extra]))
         frames = [tuple(next(dev) for _ in range(3)) if s.yuv else next(dev) for s, _ in batch]
-        for _, item in batch:
-            if item.background is not None:
-                item.background_dev = to_float(next(dev))
+        for item, _ in extra:
+            item.background_dev = to_float(next(dev))
         return frames
+
+    @staticmethod
+    def _host_backgrounds(batch: list[tuple[Stream, _Item]]) -> list[tuple[_Item, np.ndarray]]:
+        """The host backgrounds to upload with the batch: each image-background item's decoded image while its
+        stream has none prepared at the frame's size (once per stream and size), else its video frame, if any."""
+        out, seen = [], set()
+        for s, item in batch:
+            o = item.options
+            if o.background.kind == "image" and item.image is not None:
+                h, w = (item.frame[0] if s.yuv else item.frame).shape[:2]
+                if render.needs_background(o) and (id(s), h, w) not in seen and s.backgrounds.missing(o, h, w):
+                    seen.add((id(s), h, w))
+                    out.append((item, item.image.rgb))
+            elif item.background is not None:
+                out.append((item, item.background))
+        return out
 
     def _group(self, batch: list[tuple[Stream, _Item]], frames: list) -> list[_Group]:
         """Frames of one layout and size go through the network, smoothing and upsampling as one batch: on the

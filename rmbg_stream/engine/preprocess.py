@@ -9,13 +9,39 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+# The most one antialiased interpolate shrinks a side by. CUDA's antialiased bilinear kernel keeps each output
+# pixel's weights in shared memory and refuses at about 30x ("Too much shared memory required"); a huge background
+# image onto a small frame, or a 4K frame into a 256 network input, gets there.
+MAX_SHRINK = 8
+
 
 def resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Bilinear resize; antialiased when shrinking, like the PIL resize of BRIA's example."""
+    """Bilinear resize of (..., h, w) to `size`; antialiased when shrinking, like the PIL resize of BRIA's example,
+    in steps of at most MAX_SHRINK (`shrink_plan`): one step, as before, for any shrink up to that."""
     if tuple(x.shape[-2:]) == tuple(size):
         return x
-    shrink = size[0] < x.shape[-2] or size[1] < x.shape[-1]
-    return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=shrink)
+    if size[0] >= x.shape[-2] and size[1] >= x.shape[-1]:
+        return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+    for step in shrink_plan(tuple(x.shape[-2:]), tuple(size)):
+        x = F.interpolate(x, size=step, mode="bilinear", align_corners=False, antialias=True)
+    return x
+
+
+def shrink_plan(src: tuple[int, int], dst: tuple[int, int], bound: int = MAX_SHRINK) -> list[tuple[int, int]]:
+    """The sizes (h, w) a resize from `src` to `dst` passes through, `dst` last, each side shrinking by at most
+    `bound` a step: from `dst` up by factors of `bound` until the source is within reach (20000 -> 3904 -> 488 ->
+    61). A side that needs fewer steps keeps its source size until its own. Each step is antialiased, so the
+    intermediate sizes keep the result close to one exact resize (the first steps blur by a fraction of a final
+    pixel)."""
+    sides = []
+    for s, d in zip(src, dst):
+        steps = [d]
+        while s > steps[-1] * bound:
+            steps.append(steps[-1] * bound)
+        sides.append(steps)
+    n = max(len(steps) for steps in sides)
+    sides = [steps + [s] * (n - len(steps)) for steps, s in zip(sides, src)]
+    return [(sides[0][i], sides[1][i]) for i in reversed(range(n))]
 
 
 MULTIPLE = 32

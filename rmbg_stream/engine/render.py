@@ -108,19 +108,23 @@ class BackgroundCache:
         self._rgb: tuple[tuple, torch.Tensor] | None = None
         self._yuv: tuple[tuple, tuple[torch.Tensor, torch.Tensor]] | None = None
 
+    def missing(self, o: StreamOptions, H: int, W: int) -> bool:
+        """Whether an image background in `o` has to be uploaded for an H x W frame: none prepared at that size."""
+        return self._rgb is None or self._rgb[0] != (o.background.path, H, W)
+
     def rgb(self, H: int, W: int, device, item: _Item) -> torch.Tensor | None:
-        """The item's image or video background as RGB (1,3,H,W) float 0..1, or None."""
+        """The item's image or video background as RGB (1,3,H,W) float 0..1, or None. Nothing is decoded or copied
+        to the device here (the worker's thread): the engine uploaded what this needs into `item.background_dev`."""
         bg = item.options.background
-        if bg.kind == "video" and item.background is not None:
+        if bg.kind == "video" and item.background_dev is not None:
             return composite.fit_background(item.background_dev, H, W)
         if bg.kind == "image":
             key = (bg.path, H, W)
             cached = self._rgb
             if cached is None or cached[0] != key:
-                from ..media.images import load_rgb  # the shared loader: pixel limit, 16-bit grey, EXIF
-
-                img = load_rgb(bg.path, label=f"background image {bg.path}")
-                cached = self._rgb = (key, composite.prepare_background(img, H, W, device))
+                if item.background_dev is None:
+                    raise RuntimeError(f"background image {bg.path} was not uploaded for a {W}x{H} frame")
+                cached = self._rgb = (key, composite.fit_background(item.background_dev, H, W))
             return cached[1]
         return None
 

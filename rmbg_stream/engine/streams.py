@@ -66,10 +66,13 @@ class _Item:
     submitted: float
     spec: YUVSpec | None = None  # 4:2:0 streams: the frame's matrix and range
     background: np.ndarray | None = None  # this frame's video-background frame, if any
+    # The background the worker uploaded for this frame, float (1,3,h,w) 0..1: its video-background frame, or its
+    # stream's image when the stream's `BackgroundCache` had none prepared at this frame's size.
     background_dev: torch.Tensor | None = None
     # The stream's options when the worker collected the frame (under the lock): everything downstream (grouping,
     # smoothing, the render and the background it loads) reads only this, so a frame never mixes two settings.
     options: StreamOptions | None = None
+    image: HostImage | None = None  # the decoded image of an image background in `options`, taken with them
     delivered: bool = False  # CUDA: handed to `Stream._deliver` by the finisher thread
 
 
@@ -83,19 +86,46 @@ def as_rgb(frame) -> np.ndarray:
     return a[:, :, :3]
 
 
+@dataclass(frozen=True, eq=False)
+class HostImage:
+    """An image background decoded on the host: RGB (H, W, 3) uint8, and the path it came from."""
+
+    path: str
+    rgb: np.ndarray
+
+
+def host_image(bg: Background, current: HostImage | None, pixels: np.ndarray | None = None) -> HostImage | None:
+    """The decoded pixels of `bg` when it is an image: `pixels` (uint8 RGB H x W x 3) when the caller decoded
+    them, `current` when it holds that path already, else decoded now, in the caller's thread. Decoding in the
+    engine's worker would stall every stream's frames while it runs (about 70 ms for a noisy 1920x1080 JPEG or PNG
+    on this project's two-core test machine)."""
+    if bg.kind != "image":
+        return None
+    if pixels is not None:
+        return HostImage(bg.path, as_rgb(pixels))
+    if current is not None and current.path == bg.path:
+        return current
+    from ..media.images import load_rgb  # the shared loader: pixel limit, 16-bit grey, EXIF
+
+    return HostImage(bg.path, load_rgb(bg.path, label=f"background image {bg.path}"))
+
+
 _END = object()
 
 
 class Stream:
     """Frames in `pixel_format`: "rgb24" (H x W x 3 arrays, or av.VideoFrames converted) or "yuv420p" ((3H/2, W)
     I420 arrays or av.VideoFrames, even sizes; results come back as I420 too, in the frame's own matrix and
-    range, or `spec` for arrays)."""
+    range, or `spec` for arrays). An image background is decoded when the stream opens or its options change, in
+    that caller's thread (`host_image`); `background_image` passes its pixels when the caller has them."""
 
     def __init__(self, engine: Engine, live: bool, max_in_flight: int, options: StreamOptions,
                  on_result: Callable[[Result], None] | None, background_source=None, pixel_format: str = "rgb24",
-                 spec: YUVSpec | None = None):
+                 spec: YUVSpec | None = None, background_image: np.ndarray | None = None):
         if pixel_format not in ("rgb24", "yuv420p"):
             raise ValueError(f"pixel_format must be rgb24 or yuv420p, got {pixel_format!r}")
+        # Changed only together with `options`, under the engine's lock.
+        self.image = host_image(options.background, None, background_image)
         self.engine = engine
         self.live = live
         self.yuv = pixel_format == "yuv420p"
@@ -153,10 +183,16 @@ class Stream:
                 self.results.put(_END)
             self.engine.cond.notify_all()
 
-    def set_options(self, **changes) -> None:
-        """Frames collected from now on use the new options; frames already in a batch keep theirs."""
+    def set_options(self, *, background_image: np.ndarray | None = None, **changes) -> None:
+        """Frames collected from now on use the new options; frames already in a batch keep theirs. A new image
+        background is decoded first, here (`host_image`; `background_image`: its pixels, decoded by the caller):
+        one that does not decode raises and changes nothing."""
+        bg = changes.get("background")
+        image = host_image(bg, self.image, background_image) if bg is not None else None
         with self.engine.cond:
             self.options = replace(self.options, **changes)
+            if bg is not None:
+                self.image = image
 
     # -- consumer side
     def get(self, timeout: float | None = None) -> Result | None:

@@ -27,7 +27,7 @@ from PIL import Image
 from ..engine.composite import Background, parse_background
 from ..engine.engine import Engine, Result, StreamOptions, as_rgb
 from ..engine.yuv import i420_planes, join_i420, spec_of
-from ..media.images import ImageError, ImageTooLarge, open_image, to_rgb
+from ..media.images import ImageError, ImageTooLarge, load_rgb, open_image, to_rgb
 from . import memory
 from .frames import even_planes
 from .metrics import Histogram, Meter
@@ -180,6 +180,7 @@ class Session:
         self.smoothing = manager.smoothing
         self.mask_view = False
         self.upload: Path | None = None
+        self.upload_rgb: np.ndarray | None = None  # its pixels, decoded off the loop: the stream needs them
         self.fps_in, self.fps_out = Meter(), Meter()
         self.latency = Histogram()
         self.received = self.skipped = self.sent = self.superseded = 0
@@ -192,7 +193,8 @@ class Session:
             # WebRTC decodes to I420 and encodes from it: the engine works on that directly, no RGB round trip.
             self.stream = manager.engine.open_stream(live=True, options=options, max_in_flight=2,
                                                      on_result=self._on_result,
-                                                     pixel_format="yuv420p" if kind == "webrtc" else "rgb24")
+                                                     pixel_format="yuv420p" if kind == "webrtc" else "rgb24",
+                                                     background_image=self._pixels(self.background))
 
     # -- frames in
     def arrived(self, now: float) -> None:
@@ -304,15 +306,24 @@ class Session:
 
     def set_background(self, bg: Background) -> None:
         self.background = bg
-        self.stream.set_options(background=bg)
+        self.stream.set_options(background=bg, background_image=self._pixels(bg))
+
+    def _pixels(self, bg: Background) -> np.ndarray | None:
+        """The decoded pixels of image background `bg` (the upload's or the server's): the stream would decode it
+        otherwise, on the event loop."""
+        if bg.kind != "image":
+            return None
+        if self.upload is not None and bg.path == str(self.upload):
+            return self.upload_rgb
+        return self.manager.background_image if bg == self.manager.background else None
 
     async def upload_image(self, data: bytes) -> dict:
         """Checks, decodes and stores an uploaded background (off the event loop), then shows it."""
-        path = await self.loop.run_in_executor(None, self.manager.save_upload, self.id, data)
+        path, rgb = await self.loop.run_in_executor(None, self.manager.save_upload, self.id, data)
         if self.closed:
             path.unlink(missing_ok=True)
             raise ControlError("the session has ended")
-        old, self.upload = self.upload, path
+        old, self.upload, self.upload_rgb = self.upload, path, rgb
         self.set_background(Background("image", path=str(path)))
         if old is not None:
             self.manager.discard_upload(old)
@@ -404,6 +415,8 @@ class SessionManager:
         self.engine = engine
         self.max_sessions = max_sessions
         self.background = background
+        # Decoded once, here, for every session's stream (never on the event loop per session, nor in the engine).
+        self.background_image = load_rgb(background.path) if background.kind == "image" else None
         self.smoothing = smoothing
         self.upload_dir = Path(upload_dir)
         self.upload_limit = upload_limit
@@ -450,12 +463,13 @@ class SessionManager:
         return {k: self.finished[k] + sum(getattr(s, k) if k != "dropped" else s.dropped() for s in live)
                 for k in self.finished}
 
-    def save_upload(self, session_id: str, data: bytes) -> Path:
-        """Runs in a worker thread: decode_upload's checks, then a PNG the engine can open."""
+    def save_upload(self, session_id: str, data: bytes) -> tuple[Path, np.ndarray]:
+        """Runs in a worker thread: decode_upload's checks, then a PNG of it; returns its path and its pixels
+        (RGB (H, W, 3) uint8, for the stream)."""
         img = decode_upload(data, self.upload_limit)
         path = self.upload_dir / f"{session_id}-{secrets.token_hex(4)}.png"
         img.save(path, compress_level=1)
-        return path
+        return path, np.array(img)
 
     def discard_upload(self, path: Path) -> None:
         # Later, not now: the engine may be reading it for a batch already under way.
