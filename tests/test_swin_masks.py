@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from rmbg_stream.models import BiRefNet
+from rmbg_stream.models.swin import SwinStage
 
 SIZE = (2, 3, 96, 160)  # non-square; 24x40 tokens pad to 28x42 in the first stage
 
@@ -36,6 +37,23 @@ def count_builds(model: BiRefNet) -> list[int]:
             return _build(*args)
         stage.build_masks = counted
     return calls
+
+
+@pytest.fixture(autouse=True)
+def cache_on_the_cpu(request, monkeypatch):
+    """The cache is for CUDA (SwinStage.CACHE_DEVICES); its logic is the same on the CPU, where these tests run."""
+    if "cpu_default" not in request.node.name:
+        monkeypatch.setattr(SwinStage, "CACHE_DEVICES", ("cuda", "cpu"))
+
+
+def test_cpu_default_rebuilds_the_masks_rather_than_holding_gigabytes_of_ram(x):
+    model = network(0)
+    calls = count_builds(model)
+    logits(model, x)
+    built = calls[0]
+    logits(model, x)
+    assert built > 0 and calls[0] == 2 * built
+    assert all(not stage._masks for stage in model.bb.layers)
 
 
 @pytest.fixture(scope="module")
