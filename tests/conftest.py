@@ -1,9 +1,16 @@
 import os
+import signal
 
 import pytest
 
 # Same reason as in rmbg_stream/__init__.py; test modules may import torch before the package.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+# A shell without job control starts background commands (`.ci/run &`) with SIGINT ignored, and every process
+# they start inherits that: the tests that press Ctrl-C on a subprocess would see it finish with 0. Run as from a
+# terminal instead, where Ctrl-C interrupts.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(autouse=True, scope="session")
