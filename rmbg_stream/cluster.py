@@ -308,10 +308,10 @@ def join_segments(parts: list[tuple[Path, int]], dest: Path, src: str, video_ind
     """Remux the segments' video packets (same encoder settings; each (file, origin in `time_base`)) into `dest`
     at the source's pts, with the source's audio and subtitles as single-process mode copies them; atomic.
     Returns (frames, warnings)."""
-    from .media.writer import CONTAINERS, DEFAULTS, Passthrough  # the writer's own stream copier, not a second one
+    from .media.writer import CONTAINERS, DEFAULTS, Passthrough, temp_beside  # the writer's own, not second ones
 
     fmt = CONTAINERS[dest.suffix.lower()]
-    tmp = dest.parent / f".{dest.name}.{secrets.token_hex(4)}.part"
+    tmp = temp_beside(dest, folder=False)
     warnings: list[str] = []
     out = passthrough = None
     frames = 0
@@ -363,11 +363,10 @@ def join_frames(parts: list[Path], dest: Path, frames: int) -> int:
     """Move the segments' PNG frames (each folder numbered from its place in the whole) into one folder and rename
     that onto `dest`, atomic as a single process's sequence is; returns the frame count, which must be `frames`
     numbered 1..frames without a gap."""
-    from .media.writer import PNG_PATTERN, check_png_folder, commit_folder
+    from .media.writer import PNG_PATTERN, check_png_folder, commit_folder, temp_beside
 
     check_png_folder(dest)
-    tmp = dest.parent / f".{dest.name}.{secrets.token_hex(4)}.part"
-    tmp.mkdir(parents=True)
+    tmp = temp_beside(dest, folder=True)
     try:
         names = [f.name for part in parts for f in part.iterdir()]
         if sorted(names) != sorted(PNG_PATTERN % i for i in range(1, frames + 1)):

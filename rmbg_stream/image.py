@@ -19,7 +19,7 @@ from PIL import Image
 from .engine.composite import Background, parse_background
 from .engine.engine import Engine, StreamOptions
 from .media.images import ImageError, load_rgb, open_image
-from .media.writer import _temp_beside
+from .media.writer import temp_beside
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
 JPEG_SUFFIXES = {".jpg", ".jpeg"}
@@ -135,7 +135,7 @@ def readable(jobs: list[Job]) -> tuple[list[Job], int]:
 def save_atomic(image: Image.Image, dest: Path) -> None:
     """Write beside the target and rename, so a failure never leaves a half-written file. The file is created
     like any other (0666 less the umask), not private as mkstemp would make it."""
-    tmp = _temp_beside(dest, folder=False)
+    tmp = temp_beside(dest, folder=False)
     try:
         image.save(tmp, format=Image.registered_extensions()[dest.suffix.lower()])
         os.replace(tmp, dest)

@@ -150,7 +150,7 @@ def check_folder(dest: str | Path) -> None:
             return
 
 
-def _temp_beside(dest: Path, folder: bool) -> Path:
+def temp_beside(dest: Path, folder: bool) -> Path:
     """A new hidden name beside `dest` (same filesystem, so the final rename is atomic), created with the
     usual permissions rather than mkstemp's private ones."""
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -283,7 +283,7 @@ def commit_folder(tmp: Path, path: Path) -> None:
     """Rename the finished folder `tmp` onto `path`; an earlier sequence there (checked to hold only frames) is
     swapped out, then removed."""
     if path.is_dir():
-        old = _temp_beside(path, folder=True)
+        old = temp_beside(path, folder=True)
         os.replace(path, old / "old")
         os.replace(tmp, path)
         shutil.rmtree(old, ignore_errors=True)
@@ -301,7 +301,7 @@ class PngSequence:
         """`number_from`: the first frame's number (a cluster segment writes its part of the whole's numbers)."""
         self.path = target.path
         check_png_folder(self.path)
-        self.tmp = _temp_beside(self.path, folder=True)
+        self.tmp = temp_beside(self.path, folder=True)
         self.count = number_from - 1
         try:
             if copy_from:
@@ -336,7 +336,7 @@ class ContainerSink:
         self.path = target.path
         self.container: av.container.OutputContainer | None = None
         self.passthrough: Passthrough | None = None
-        self.tmp = _temp_beside(self.path, folder=False)
+        self.tmp = temp_beside(self.path, folder=False)
         try:
             self._open(copy_from, warn)
         except BaseException:
