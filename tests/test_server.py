@@ -50,14 +50,16 @@ def run(coro):
 
 
 @contextlib.asynccontextmanager
-async def serve(backend=None, **config):
-    """The app on 127.0.0.1 at a free port: yields (base URL, app)."""
+async def serve(backend=None, models: dict | None = None, **config):
+    """The app on 127.0.0.1 at a free port: yields (base URL, app). `models`: {name: backend}, one engine each, as
+    `serve --model A B` makes them (sessions start with the first); else `backend` (default chroma) alone."""
     backend = backend or create_backend("chroma", torch.device("cpu"))
+    models = models or {backend.name: backend}
     saved = torch.get_num_threads(), sys.getswitchinterval()
     tuning.tune_server(backend.device)  # as `rmbg-stream serve` runs, put back afterwards for other tests
-    engine = Engine(backend, max_batch=4, max_wait_ms=2)
+    engines = {name: Engine(b, max_batch=4, max_wait_ms=2) for name, b in models.items()}
     config.setdefault("background", parse_background("#ff00ff"))
-    app = make_app(engine, Config(**config))
+    app = make_app(engines, Config(**config))
     runner = web.AppRunner(app)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
@@ -67,7 +69,8 @@ async def serve(backend=None, **config):
         yield f"http://{host}:{port}", app
     finally:
         await runner.cleanup()
-        engine.close()
+        for engine in engines.values():
+            engine.close()
         torch.set_num_threads(saved[0])
         sys.setswitchinterval(saved[1])
         gc.unfreeze()
@@ -94,7 +97,7 @@ def leftover_tasks(before) -> list:
 def assert_clean(app) -> None:
     manager = app[MANAGER]
     assert manager.sessions == {}
-    assert manager.engine.stats()["streams"] == 0
+    assert all(e.stats()["streams"] == 0 for e in manager.engines.values())
 
 
 # -- WebSocket client
@@ -223,10 +226,11 @@ def test_static_files_only_from_web_dir():
 
 def test_healthz_and_metrics():
     async def main():
-        async with serve(model="chroma") as (url, app), ClientSession() as http:
+        async with serve() as (url, app), ClientSession() as http:
             async with http.get(url + "/healthz") as r:
                 body = await r.json()
             assert body["status"] == "ok" and body["sessions"] == 0 and body["model"] == "chroma"
+            assert body["models"] == ["chroma"]
             async with http.get(url + "/metrics") as r:
                 text = await r.text()
             assert r.status == 200 and r.content_type == "text/plain"

@@ -1,5 +1,6 @@
 // rmbg-stream page: camera -> server (WebRTC, or the WebSocket where WebRTC fails) -> processed video.
-// URL parameters: token, background (initial, e.g. %23ff00ff), transport, codec, resolution, autostart=1.
+// URL parameters: token, background (initial, e.g. %23ff00ff), model (initial, one the server runs), transport,
+// codec, resolution, autostart=1.
 'use strict';
 
 const params = new URLSearchParams(location.search);
@@ -12,7 +13,7 @@ const output = $('output');
 // Read by the end-to-end test, and handy in the console.
 const state = window.rmbg = {
   status: 'idle', transport: null, codec: null, session: null, background: null, error: null, insecure: false,
-  frames: 0, matched: 0, sample: null, stats: {},
+  model: null, models: [], frames: 0, matched: 0, sample: null, stats: {},
 };
 
 let stream = null;       // the camera
@@ -145,6 +146,7 @@ async function startWebRTC() {
     throw err;
   }
   state.session = body.session;
+  showModels(body.models, body.model);
   await pc.setRemoteDescription({ sdp: body.sdp, type: body.type });
   try {
     await connected(pc, 10000);
@@ -299,14 +301,40 @@ function countFrame(source, w, h) {
   }
 }
 
+// The models the server runs (the offer's answer, the socket's hello) and the one this session runs now.
+function showModels(models, current) {
+  if (Array.isArray(models)) {
+    state.models = models;
+    const sel = $('model');
+    sel.replaceChildren(...models.map((m) => new Option(m, m)));
+    sel.disabled = models.length < 2;
+  }
+  showModel(current);
+}
+
+function showModel(name) {
+  if (typeof name !== 'string') return;
+  state.model = name;
+  $('s-model').textContent = name;
+  if ($('model').value !== name) $('model').value = name;
+}
+
+function setModel(name) {
+  send({ type: 'model', value: name });
+}
+
 function onServerMessage(msg) {
-  if (msg.type === 'hello') state.session = msg.session;
+  if (msg.type === 'hello') { state.session = msg.session; showModels(msg.models, msg.state && msg.state.model); }
   if (msg.type === 'pong' && typeof msg.t === 'number') rtt = performance.now() - msg.t;
-  if (msg.type === 'error') showError(msg.error);
-  if (msg.type === 'ok' && msg.state) { state.background = msg.state.background; showError(null); }
+  if (msg.type === 'error') {
+    showError(msg.error);
+    showModel(state.model); // a refused switch: the menu goes back to what runs
+  }
+  if (msg.type === 'ok' && msg.state) { state.background = msg.state.background; showModel(msg.state.model); showError(null); }
   if (msg.type === 'stats') {
     Object.assign(state.stats, msg);
     if (msg.state) state.background = msg.state.background;
+    showModel(msg.model);
   }
   $('obs').hidden = !state.session;
   if (state.session) $('obs').href = `obs?session=${encodeURIComponent(state.session)}${token ? `&token=${encodeURIComponent(token)}` : ''}`;
@@ -347,6 +375,8 @@ async function start() {
     $('pause').disabled = false;
     const initial = params.get('background');
     if (initial) setBackground(initial);
+    const model = params.get('model');
+    if (model && model !== state.model) setModel(model);
   } catch (err) {
     fail(err.message);
   }
@@ -363,6 +393,7 @@ function stop() {
   remote.style.position = '';
   output.hidden = true;
   state.transport = null;
+  $('model').disabled = true;
   setStatus('idle');
   $('start').disabled = false;
   $('stop').disabled = true;
@@ -436,6 +467,7 @@ document.querySelectorAll('#backgrounds button').forEach((b) => { b.onclick = ()
 $('color').oninput = (e) => setBackground(e.target.value);
 $('blur').onchange = (e) => setBackground(`blur:${e.target.value}`);
 $('upload').onchange = (e) => { if (e.target.files[0]) uploadBackground(e.target.files[0]); e.target.value = ''; };
+$('model').onchange = (e) => setModel(e.target.value);
 $('smoothing').onchange = (e) => send({ type: 'smoothing', value: Number(e.target.value) });
 $('mask').onchange = (e) => send({ type: 'mask_view', value: e.target.checked });
 $('pause').onclick = () => {

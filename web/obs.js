@@ -2,6 +2,9 @@
 // Reconnects by itself, so it can be set up in OBS before the camera page is opened: at once after a lost
 // connection, every 2 s while no camera session is open, backing off to 30 s while the server is unreachable. A
 // wrong token or a refused origin will not fix itself, so those stop with a message instead.
+// The model of the session it shows (serve --model A B ...; the camera page can switch) is in the page's title, and
+// in the corner for 3 s whenever it goes live or the model changes: `label=1` keeps it there, `label=0` never
+// shows it (the corner is part of what OBS films).
 'use strict';
 
 const params = new URLSearchParams(location.search);
@@ -11,7 +14,11 @@ const canvas = document.getElementById('canvas');
 const statusEl = document.getElementById('status');
 const compositor = createCompositor(canvas);
 // Read by the end-to-end test: `points` (canvas pixels) are sampled now and then into `samples` as [r, g, b, a].
-const state = window.rmbgObs = { status: 'connecting', frames: 0, compositor: compositor.kind, points: [], samples: [] };
+const state = window.rmbgObs = {
+  status: 'connecting', frames: 0, compositor: compositor.kind, points: [], samples: [], model: null,
+};
+const LABEL = params.get('label'); // '1': always shown, '0': never, else for 3 s after each change
+let labelTimer = null;
 let pc = null;
 let retry = null;
 let unreachable = 0; // attempts in a row that got no answer
@@ -20,6 +27,17 @@ function setStatus(text, show = true) {
   state.status = text;
   statusEl.textContent = text;
   statusEl.hidden = !show;
+}
+
+function showModel(name) {
+  if (typeof name !== 'string' || name === state.model) return;
+  state.model = name;
+  document.title = `rmbg-stream OBS source: ${name}`;
+  if (state.status !== 'live' || LABEL === '0') return;
+  setStatus('live', true);
+  statusEl.textContent = `model: ${name}`;
+  clearTimeout(labelTimer);
+  if (LABEL !== '1') labelTimer = setTimeout(() => { if (state.status === 'live') statusEl.hidden = true; }, 3000);
 }
 
 function scheduleRetry(message, seconds) {
@@ -48,10 +66,18 @@ async function connect() {
   pc = new RTCPeerConnection();
   const me = pc;
   pc.addTransceiver('video', { direction: 'recvonly' });
+  // Stats once a second, with the model of the camera session shown.
+  const channel = pc.createDataChannel('status');
+  channel.onmessage = (e) => { const msg = JSON.parse(e.data); if (msg.type === 'stats') showModel(msg.model); };
   pc.ontrack = (e) => { video.srcObject = new MediaStream([e.track]); };
   pc.onconnectionstatechange = () => {
     if (me !== pc) return;
-    if (pc.connectionState === 'connected') setStatus('live', false);
+    if (pc.connectionState === 'connected') {
+      setStatus('live', false);
+      const name = state.model;
+      state.model = null;
+      showModel(name); // the label again for this connection
+    }
     if (['failed', 'closed', 'disconnected'].includes(pc.connectionState)) {
       scheduleRetry('The connection to the server was lost.', 1);
     }
@@ -66,7 +92,8 @@ async function connect() {
       body: JSON.stringify({ sdp: pc.localDescription.sdp, type: 'offer', view: 'obs', session: params.get('session') }),
     });
     unreachable = 0;
-    await pc.setRemoteDescription(body);
+    showModel(body.model);
+    await pc.setRemoteDescription({ sdp: body.sdp, type: body.type });
   } catch (err) {
     onError(err);
   }

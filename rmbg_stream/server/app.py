@@ -24,6 +24,7 @@ import shutil
 import socket
 import sys
 import tempfile
+from argparse import Namespace
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote, quote_plus, unquote_plus
@@ -61,7 +62,6 @@ class Config:
     smoothing: float = 0.5
     upload_limit: int = 8 * 2**20
     web_dir: Path = WEB_DIR
-    model: str = ""
 
 
 CONFIG = web.AppKey("config", Config)
@@ -233,7 +233,8 @@ async def upload(request: web.Request) -> web.Response:
 async def healthz(request: web.Request) -> web.Response:
     manager = request.app[MANAGER]
     return web.json_response({"status": "ok", "sessions": len(manager.sessions), "max_sessions": manager.max_sessions,
-                              "model": request.app[CONFIG].model, "device": str(manager.engine.device)})
+                              "model": manager.models[0], "models": manager.models,
+                              "device": str(manager.engine.device)})
 
 
 async def metrics_page(request: web.Request) -> web.Response:
@@ -245,10 +246,13 @@ async def metrics_page(request: web.Request) -> web.Response:
 def render_metrics(manager: SessionManager) -> str:
     live = list(manager.sessions.values())
     kinds = {"webrtc": 0, "websocket": 0, "viewer": 0}
+    models = dict.fromkeys(manager.models, 0)
     for s in live:
         kinds[s.kind] += 1
+        if s.kind != "viewer":
+            models[s.model] += 1
     totals = manager.totals()
-    engine = manager.engine.stats()
+    engines = {name: e.stats() for name, e in manager.engines.items()}
     families = [
         ("rmbg_sessions", "gauge", "Open sessions by transport (viewer = OBS page).",
          [({"kind": k}, v) for k, v in kinds.items()]),
@@ -264,9 +268,16 @@ def render_metrics(manager: SessionManager) -> str:
         ("rmbg_frames_sent_total", "counter", "Processed frames sent to clients.", [({}, totals["sent"])]),
         ("rmbg_frames_dropped_total", "counter", "Frames dropped to keep latency bounded (stale on arrival, "
          "overtaken in the engine, or overtaken before the encoder).", [({}, totals["dropped"])]),
-        ("rmbg_engine_batches_total", "counter", "Network batches run.", [({}, engine["batches"])]),
-        ("rmbg_engine_frames_total", "counter", "Frames through the network.", [({}, engine["frames"])]),
-        ("rmbg_engine_batch_size", "gauge", "Frames in the last batch.", [({}, engine["last_batch_size"])]),
+        ("rmbg_engine_batches_total", "counter", "Network batches run, all models.",
+         [({}, sum(e["batches"] for e in engines.values()))]),
+        ("rmbg_engine_frames_total", "counter", "Frames through the network, all models.",
+         [({}, sum(e["frames"] for e in engines.values()))]),
+        ("rmbg_engine_batch_size", "gauge", "Frames in the last batch (the largest of each model's last).",
+         [({}, max(e["last_batch_size"] for e in engines.values()))]),
+        ("rmbg_model_sessions", "gauge", "Camera sessions running each model (serve --model A B ...).",
+         [({"model": m}, n) for m, n in models.items()]),
+        ("rmbg_model_frames_total", "counter", "Frames through each model's engine.",
+         [({"model": m}, e["frames"]) for m, e in engines.items()]),
     ]
     if manager.engine.device.type == "cuda":
         import torch
@@ -299,11 +310,15 @@ def static_routes(web_dir: Path) -> list[web.RouteDef]:
     return routes
 
 
-def make_app(engine: Engine, config: Config) -> web.Application:
+def make_app(engines: dict[str, Engine] | Engine, config: Config) -> web.Application:
+    """`engines`: one per model, by the name clients use for it (the first is what sessions start with); an Engine
+    alone is named after its backend."""
+    if isinstance(engines, Engine):
+        engines = {engines.backend.name: engines}
     aiortc_patches.use_clean_vp8_encoder()
     app = web.Application(middlewares=[errors_as_json], client_max_size=config.upload_limit + 4096)
     upload_dir = Path(tempfile.mkdtemp(prefix="rmbg-serve-"))
-    manager = SessionManager(engine, max_sessions=config.max_sessions, background=config.background,
+    manager = SessionManager(engines, max_sessions=config.max_sessions, background=config.background,
                              smoothing=config.smoothing, upload_dir=upload_dir, upload_limit=config.upload_limit)
     app[MANAGER] = manager
     app[CONFIG] = config
@@ -363,12 +378,18 @@ def listen(host: str, port: int) -> list[socket.socket]:
     return socks
 
 
-def startup_lines(host: str, port: int, token: str | None, secure: tls.TLS | None) -> str:
-    """What to open: the page and the OBS source at each address of this machine the server listens on."""
+def startup_lines(host: str, port: int, token: str | None, secure: tls.TLS | None, models: list[str] = ()) -> str:
+    """What to open: the page and the OBS source at each address of this machine the server listens on; and the
+    models sessions can run."""
     suffix = f"?token={token}" if token else ""
     bases = tls.urls(host, port, secure is not None)
     lines = [f"rmbg-stream: serving {bases[0]}/{suffix}"] + [f"             also at {b}/{suffix}" for b in bases[1:]]
     lines.append(f"             OBS browser source (on this machine): {bases[0]}/obs{suffix}")
+    if len(models) > 1:
+        lines.append(f"             models: {models[0]} (sessions start with it), {', '.join(models[1:])}; the page "
+                     "switches between them")
+    elif models:
+        lines.append(f"             model: {models[0]}")
     if secure is not None:
         lines.append(f"             TLS: {secure.description}, SHA-256 fingerprint {secure.fingerprint}")
     elif not is_loopback(host):
@@ -384,6 +405,7 @@ def run_cli(args) -> int:
         return 2
     if args.max_sessions < 1:
         raise ValueError("--max-sessions must be at least 1")
+    models = model_names(args.model)
     background = parse_background(args.background)
     if background.kind == "video":
         raise ValueError("serve takes no video background: use a colour, an image, blur or transparent")
@@ -394,26 +416,38 @@ def run_cli(args) -> int:
         print(f"error: {exc.strerror}", file=sys.stderr)
         return 1
     try:
-        return serve(args, background, socks, secure)
+        return serve(args, models, background, socks, secure)
     finally:
         for sock in socks:
             sock.close()
 
 
-def serve(args, background: Background, socks: list[socket.socket], secure: tls.TLS | None) -> int:
-    """Loads the model and runs the app on `socks` until interrupted."""
+def model_names(value: str | list[str]) -> list[str]:
+    """`serve --model`: one name or several, each once, in the order given."""
+    names = [value] if isinstance(value, str) else list(value)
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ValueError(f"--model names {', '.join(twice)} more than once: name each model once")
+    return names
+
+
+def serve(args, models: list[str], background: Background, socks: list[socket.socket], secure: tls.TLS | None) -> int:
+    """Loads each model (one engine each) and runs the app on `socks` until interrupted."""
     if is_loopback(args.host):
         aiortc_patches.keep_media_on_loopback()
-    backend = build_backend(args)
-    tune_server(backend.device)
+    backends = {name: build_backend(Namespace(**{**vars(args), "model": name})) for name in models}
+    tune_server(backends[models[0]].device)
     log_events()
-    engine = Engine(backend, max_batch=args.batch, max_wait_ms=4)
-    config = Config(token=args.token, max_sessions=args.max_sessions, background=background, model=args.model)
-    print(startup_lines(args.host, socks[0].getsockname()[1], args.token, secure), flush=True)
+    engines: dict[str, Engine] = {}
     try:
-        web.run_app(make_app(engine, config), sock=socks, print=None, access_log_class=AccessLogger,
+        for name, backend in backends.items():
+            engines[name] = Engine(backend, max_batch=args.batch, max_wait_ms=4)
+        config = Config(token=args.token, max_sessions=args.max_sessions, background=background)
+        print(startup_lines(args.host, socks[0].getsockname()[1], args.token, secure, models), flush=True)
+        web.run_app(make_app(engines, config), sock=socks, print=None, access_log_class=AccessLogger,
                     ssl_context=secure.context if secure else None,
                     access_log=log if getattr(args, "verbose", False) else None)
     finally:
-        engine.close()
+        for engine in engines.values():
+            engine.close()
     return 0

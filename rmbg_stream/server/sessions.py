@@ -1,4 +1,11 @@
-"""Sessions: one per connected client, all feeding the one engine, which batches their frames together.
+"""Sessions: one per connected client; the clients of one model feed its one engine, which batches their frames.
+
+`serve --model A B ...` starts one engine per model (`SessionManager.engines`, the first is what a session starts
+with). A session runs one model at a time and may switch (`Session.set_model`, the "model" control): its stream
+is closed on the old engine and opened on the new one with the same options, background included, so only its
+temporal smoothing starts again. Frames in flight on the old engine at that moment are lost (counted as dropped);
+results of the old model that arrive later are discarded, so nothing sent after the control's reply comes from
+the old model. The session's counters (received, sent, dropped, latency) run on across switches.
 
 Flow control is latest-frame-wins at every hand-off, so latency stays bounded when the model is slower than the
 camera: the receive side gives the engine only the newest frame (its live streams drop older waiting ones), and the
@@ -65,6 +72,7 @@ class Tag:
     seq: int = 0  # WebSocket: the client's sequence number and timestamp, echoed back
     timestamp: float = 0.0
     fmt: int = 0
+    generation: int = 0  # the session's model switches before this frame was submitted (`Session.current`)
 
 
 class Latest:
@@ -188,13 +196,25 @@ class Session:
         self.tasks: set[asyncio.Task] = set()
         self.on_close: list[Callable] = []
         self.stream = None
+        self._model = manager.models[0]  # a viewer shows its source's (`model`)
+        self.generation = 0  # model switches so far: results of an older one are not shown
+        self.published = 0  # results of the current stream handed to `results`
+        self.retired_dropped = 0  # dropped by, or lost in flight on, the streams of models switched away from
         if kind != "viewer":
-            options = StreamOptions(background=self.background, smoothing=self.smoothing, image=True, alpha=False)
-            # WebRTC decodes to I420 and encodes from it: the engine works on that directly, no RGB round trip.
-            self.stream = manager.engine.open_stream(live=True, options=options, max_in_flight=2,
-                                                     on_result=self._on_result,
-                                                     pixel_format="yuv420p" if kind == "webrtc" else "rgb24",
-                                                     background_image=self._pixels(self.background))
+            self.stream = self._open_stream(manager.engines[self._model])
+
+    @property
+    def model(self) -> str:
+        """The model this session's frames go through (an OBS view: its camera session's)."""
+        return self.source.model if self.source is not None else self._model
+
+    def _open_stream(self, engine: Engine):
+        options = StreamOptions(background=self.background, smoothing=self.smoothing, image=True,
+                                alpha=bool(self.viewers), mask_view=self.mask_view)
+        # WebRTC decodes to I420 and encodes from it: the engine works on that directly, no RGB round trip.
+        return engine.open_stream(live=True, options=options, max_in_flight=2, on_result=self._on_result,
+                                  pixel_format="yuv420p" if self.kind == "webrtc" else "rgb24",
+                                  background_image=self._pixels(self.background))
 
     # -- frames in
     def arrived(self, now: float) -> None:
@@ -222,6 +242,7 @@ class Session:
             pixels = as_rgb(frame)
             if self.viewers:
                 tag.source = pixels
+        tag.generation = self.generation
         self.stream.submit(pixels, pts=tag.arrived, meta=tag, spec=spec)
 
     def _on_result(self, result: Result) -> None:
@@ -230,10 +251,21 @@ class Session:
             self.loop.call_soon_threadsafe(self._publish, result)
 
     def _publish(self, result: Result) -> None:
-        if not self.closed:
+        # A result of a model switched away from was counted as lost at the switch (`set_model`).
+        if not self.closed and self.current(result):
+            self.published += 1
             self.results.put(result)
 
+    def current(self, result: Result) -> bool:
+        """Whether `result` comes from the model the session runs now: consumers skip others (a result taken before
+        a switch, encoded while it happened)."""
+        return result.meta.generation == self.generation
+
     # -- frames out
+    def skipped_stale(self) -> None:
+        """A result a consumer took and did not send because the model changed meanwhile (`current`)."""
+        self.superseded += 1
+
     def sent_result(self, result: Result, skipped: int) -> None:
         """Book-keeping for a result handed to the encoder; `skipped` results were overtaken before it."""
         self.sent += 1
@@ -274,6 +306,8 @@ class Session:
                 raise ControlError("smoothing takes a number from 0 to 1")
             self.smoothing = float(value)
             self.stream.set_options(smoothing=self.smoothing)
+        elif kind == "model":
+            self.set_model(value)
         elif kind in ("mask_view", "pause"):
             if not isinstance(value, bool):
                 raise ControlError(f"{kind} takes true or false")
@@ -284,8 +318,25 @@ class Session:
                 self.stream.set_options(mask_view=value)
         else:
             raise ControlError(f"unknown control {kind!r}: expected background, smoothing, mask_view, pause, "
-                               "ping or stats")
+                               "model, ping or stats")
         return {"type": "ok", "control": kind, "state": self.state()}
+
+    def set_model(self, name) -> None:
+        """Moves the session to model `name`'s engine: a new stream there with the same options, then the old one
+        closed. Its frames in flight are lost and counted as dropped: submitted, less what its engine dropped, less
+        the results that were published (later ones are stale, `_publish`)."""
+        engine = self.manager.engine_for(name)
+        if name == self._model:
+            return
+        stream = self._open_stream(engine)  # first: should it fail, the session stays as it was
+        old, self.stream = self.stream, stream
+        old.close()
+        counts = old.stats()  # final once closed: nothing is submitted to, or dropped by, a closed stream
+        self.retired_dropped += counts["submitted"] - self.published
+        self.generation += 1
+        self.published = 0
+        self._model = name
+        EVENTS.info("session %s: model %s", self.id[:6], name)
 
     def _background(self, value) -> Background:
         if value == "upload":
@@ -332,11 +383,12 @@ class Session:
     def state(self) -> dict:
         bg = self.background
         name = "upload" if bg.kind == "image" and bg.path == str(self.upload) else describe(bg)
-        return {"background": name, "smoothing": self.smoothing, "mask_view": self.mask_view, "paused": self.paused}
+        return {"background": name, "smoothing": self.smoothing, "mask_view": self.mask_view, "paused": self.paused,
+                "model": self.model}
 
     def dropped(self) -> int:
-        engine_dropped = self.stream.dropped if self.stream is not None else 0
-        return self.skipped + engine_dropped + self.superseded
+        engine_dropped = self.stream.stats()["dropped"] if self.stream is not None else 0
+        return self.skipped + engine_dropped + self.superseded + self.retired_dropped
 
     def stats(self) -> dict:
         p50, p95 = self.latency.quantile(0.5), self.latency.quantile(0.95)
@@ -344,7 +396,7 @@ class Session:
                 "fps_out": round(self.fps_out.rate(), 1), "received": self.received, "sent": self.sent,
                 "dropped": self.dropped(), "latency_ms_p50": None if p50 is None else round(p50 * 1000, 1),
                 "latency_ms_p95": None if p95 is None else round(p95 * 1000, 1),
-                "batch": self.manager.engine.stats()["last_batch_size"]}
+                "batch": self.manager.engines[self.model].stats()["last_batch_size"], "model": self.model}
 
     def stats_message(self) -> dict:
         return {"type": "stats", **self.stats(), "state": self.state() if self.kind != "viewer" else None}
@@ -410,9 +462,15 @@ class Session:
 
 
 class SessionManager:
-    def __init__(self, engine: Engine, *, max_sessions: int, background: Background, upload_dir: Path,
+    """`engines`: one per model, by the name a client uses for it (`--model` as given); sessions start with the
+    first."""
+
+    def __init__(self, engines: dict[str, Engine], *, max_sessions: int, background: Background, upload_dir: Path,
                  smoothing: float = 0.5, upload_limit: int = 8 * 2**20):
-        self.engine = engine
+        if not engines:
+            raise ValueError("a server needs at least one model")
+        self.engines = dict(engines)
+        self.models = list(self.engines)
         self.max_sessions = max_sessions
         self.background = background
         # Decoded once, here, for every session's stream (never on the event loop per session, nor in the engine).
@@ -424,6 +482,19 @@ class SessionManager:
         self.latency = Histogram()
         self.opened = self.refused = 0
         self.finished = {"received": 0, "sent": 0, "dropped": 0}  # totals of closed sessions
+
+    @property
+    def engine(self) -> Engine:
+        """The engine of the first model, which sessions start with."""
+        return self.engines[self.models[0]]
+
+    def engine_for(self, name) -> Engine:
+        """The engine of model `name`; ControlError naming the models there are."""
+        if not isinstance(name, str) or name not in self.engines:
+            shown = repr(name) if isinstance(name, str) else "a model name"
+            raise ControlError(f"unknown model {shown[:80]}: this server runs {', '.join(self.models)} "
+                               "(start it with --model NAME ... to offer others)")
+        return self.engines[name]
 
     def check_room(self) -> None:
         if len(self.sessions) >= self.max_sessions:

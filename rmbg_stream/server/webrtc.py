@@ -1,8 +1,10 @@
 """WebRTC sessions with aiortc: `POST /offer` takes {"sdp", "type": "offer"} and answers the same (plus "session").
 
 A camera session sends its camera and gets the processed video back on the same transceiver; the page's data
-channel carries JSON controls and stats. An OBS view ({"view": "obs", "session": ID}; the newest camera session when
-no ID is given) receives a camera session's output as colour over alpha, stacked in one frame twice as tall.
+channel carries JSON controls and stats (the table in websocket.py), "model" included. The answer also names the
+session's model and the server's models ({"model": NAME, "models": [...]}). An OBS view ({"view": "obs", "session":
+ID}; the newest camera session when no ID is given) receives a camera session's output as colour over alpha, stacked
+in one frame twice as tall; it may open a data channel too, for the stats, with the model of the session it shows.
 
 aiortc's receive queue is unbounded and its example transforms frames inline, so a slow model makes latency grow
 without limit. Here a task takes the newest decoded frame off the track and submits it (the engine drops what it
@@ -76,14 +78,18 @@ class ResultTrack(MediaStreamTrack):
         self.last_pts = -1
 
     async def recv(self):
+        skipped = 0
         while True:
             try:
                 result, version = await self.origin.results.get(self.seen)
             except Closed:
                 self.stop()
                 raise MediaStreamError from None
-            skipped = version - self.seen - 1 if self.seen else 0
+            skipped += version - self.seen - 1 if self.seen else 0
             self.seen = version
+            if not self.origin.current(result):  # taken from before a model switch
+                self.session.skipped_stale()
+                continue
             frame = render(result, self.stacked)
             if frame is not None:
                 break
@@ -213,4 +219,5 @@ async def answer(params: dict, manager: SessionManager) -> dict:
     if track is not None:
         session.spawn(pump(track, session))
     session.spawn(watchdog(pc, session))
-    return {"sdp": pc.localDescription.sdp, "type": pc.localDescription.type, "session": session.id}
+    return {"sdp": pc.localDescription.sdp, "type": pc.localDescription.type, "session": session.id,
+            "model": session.model, "models": manager.models}

@@ -13,9 +13,25 @@ Binary messages are one image each, after a 16-byte header (network byte order):
 The server answers each processed frame with the same header, echoing the sequence number and timestamp of the frame
 it came from (so the client measures its round trip), in the frame's own format; transparent results always come
 back as WebP with alpha. Frames are latest-wins: ones the server could not get to are dropped, and the sequence
-numbers of the replies show the gaps. Text messages are JSON controls, as on the WebRTC data channel; the server
-answers each ({"type": "ok" | "pong" | "stats" | "error", ...}) and pushes {"type": "stats"} once a second.
-The first message from the server is {"type": "hello", "session": ID, "state": {...}}.
+numbers of the replies show the gaps. Text messages are JSON controls, the same as on the WebRTC data channel:
+
+    control                                              effect
+    {"type": "background", "value": V}                   V: "#rrggbb", a colour name, "blur", "blur:0.3",
+                                                         "transparent", "none" (the camera as is), "upload"
+    {"type": "background", "image": "data:image/..."}    an uploaded image (base64 data URL)
+    {"type": "smoothing", "value": 0..1}                 temporal smoothing strength
+    {"type": "mask_view" | "pause", "value": bool}       show the mask; stop processing
+    {"type": "model", "value": NAME}                     run this session on NAME, one of hello's "models" (the
+                                                         server's --model list); smoothing starts again, frames in
+                                                         flight are dropped, no reply frame after the "ok" comes
+                                                         from the old model; an unknown NAME is an error reply
+    {"type": "ping", "t": T}                             -> {"type": "pong", "t": T}
+    {"type": "stats"}                                    -> {"type": "stats", ...}
+
+The server answers each control: {"type": "ok", "control": ..., "state": STATE} or {"type": "error", "error": ...};
+a control that fails never ends the session. STATE is {"background", "smoothing", "mask_view", "paused", "model"}.
+The first message from the server is {"type": "hello", "session": ID, "state": STATE, "models": [NAME, ...]}, and
+it pushes {"type": "stats", "model": NAME, "fps_in", "fps_out", ..., "state": STATE} once a second.
 """
 
 from __future__ import annotations
@@ -118,14 +134,18 @@ async def handle(ws: web.WebSocketResponse, manager: SessionManager, session: Se
             session.submit(rgb, Tag(arrived, seq=seq, timestamp=ts, fmt=fmt))
 
     async def sender():
-        seen = 0
+        seen = skipped = 0
         while True:
             result, version = await session.results.get(seen)
-            skipped = version - seen - 1 if seen else 0
+            skipped += version - seen - 1 if seen else 0
             seen = version
             tag = result.meta
             fmt, data = await loop.run_in_executor(None, encode, tag.fmt, result.image)
+            if not session.current(result):  # the model was switched while it was encoded
+                session.skipped_stale()
+                continue
             session.sent_result(result, skipped)
+            skipped = 0
             if ws.closed:
                 return
             await ws.send_bytes(pack(fmt, tag.seq, tag.timestamp, data))
@@ -137,7 +157,7 @@ async def handle(ws: web.WebSocketResponse, manager: SessionManager, session: Se
 
     for coro in (decoder(), sender(), stats()):
         session.spawn(coro)
-    await send_json({"type": "hello", "session": session.id, "state": session.state()})
+    await send_json({"type": "hello", "session": session.id, "state": session.state(), "models": manager.models})
     async for msg in ws:
         if msg.type == WSMsgType.BINARY:
             arrived = time.monotonic()
