@@ -93,17 +93,49 @@ def cmd_serve(args) -> int:
     check_background(args.background)
     return run_cli(args)
 
+# Live commands (serve, camera) without --model: by the device type they will run on. RMBG-2.0 (Swin-L at 1024) gives
+# well under 1 fps on a CPU; the selfie segmenter runs at 30 fps and more there, and ships inside the package.
+LIVE_DEFAULT = {"cuda": DEFAULT_MODEL}
+LIVE_FALLBACK = "selfie"
+LIVE_MODEL_HELP = (f"(default: {DEFAULT_MODEL} on CUDA, else {LIVE_FALLBACK}, MediaPipe's selfie segmenter, "
+                   "shipped with rmbg-stream: RMBG-2.0 gives well under 1 fps on a CPU)")
+
+
+def live_default_model(device_type: str) -> str:
+    """The model `serve` and `camera` run when no --model is given, for a device type ("cuda", "cpu", ...)."""
+    return LIVE_DEFAULT.get(device_type, LIVE_FALLBACK)
+
+
+def choose_live_model(args) -> str:
+    """--model's default for a live command, decided on the device it will run on; says so in one line on stderr
+    when it is not RMBG-2.0."""
+    from .device import pick_device
+
+    device = pick_device(args.device)
+    model = live_default_model(device.type)
+    if model != DEFAULT_MODEL:
+        why = "no CUDA device" if args.device == "auto" else f"--device {args.device}"
+        print(f"rmbg-stream: {why}, so live video runs --model {model} (RMBG-2.0 gives well under 1 fps on the "
+              f"{device.type.upper()}); choose another with --model NAME, e.g. --model {DEFAULT_MODEL}",
+              file=sys.stderr, flush=True)
+    return model
+
+
 
 def cmd_camera(args) -> int:
     from .camera import run_cli
 
+    if not args.model:
+        args.model = [choose_live_model(args)]
     check_background(args.background)
     return run_cli(args)
 
 
-def command(sub, name: str, text: str) -> argparse.ArgumentParser:
+def command(sub, name: str, text: str, **options) -> argparse.ArgumentParser:
     """A subcommand whose one-line summary is also the top of its own --help."""
-    return sub.add_parser(name, help=text, description=text)
+    return sub.add_parser(name, help=text, description=text, **options)
+    if not args.model:
+        args.model = choose_live_model(args)
 
 
 def cmd_export(args) -> int:
@@ -158,7 +190,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_transcode)
 
     # -- serve (rmbg_stream/server/)
-    p = command(sub, "serve", "live server: browser page, WebRTC, WebSocket, OBS source")
+    # "resolve": serve and camera replace add_model_args' --model with their own (several models; the live default).
+    p = command(sub, "serve", "live server: browser page, WebRTC, WebSocket, OBS source", conflict_handler="resolve")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on; 0.0.0.0 for every address (needs --token) (default: %(default)s)")
     p.add_argument("--port", type=int, default=8080, help="TCP port, 0 for any free one (default: %(default)s)")
@@ -180,9 +213,13 @@ def make_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_serve)
 
     # -- camera (rmbg_stream/camera.py)
-    p = command(sub, "camera", "local camera to a virtual camera, a file or a window")
+    p = command(sub, "camera", "local camera to a virtual camera, a file or a window", conflict_handler="resolve")
     p.add_argument("--input", default=None, help="camera device, video file or URL (default: the first camera)")
     p.add_argument("--output", default="vcam", help="vcam, window, or an output file (default: %(default)s)")
+    p.add_argument("--model", nargs="+", action="extend", default=None, metavar="M",
+                   help="the model(s) to serve, as for the other commands; several (--model selfie chroma, or "
+                        "--model repeated) load one engine each, and every session can switch between them from "
+                        "the page or with the 'model' control; sessions start with the first " + LIVE_MODEL_HELP)
     p.add_argument("--background", default="blur",
                    help="COLOR, IMAGE, blur[:S], or transparent for a .mov/.webm/PNG output "
                         "(default: %(default)s)")
@@ -196,6 +233,8 @@ def make_parser() -> argparse.ArgumentParser:
     p = command(sub, "export", "write a model as an ONNX graph for --model FILE.onnx (onnxruntime)")
     p.add_argument("model", help="hub id, alias, checkpoint file or snapshot folder (as --model takes it)")
     p.add_argument("-o", "--output", required=True, help="the .onnx file to write")
+    p.add_argument("--model", default=None, metavar="M",
+                   help="the model, as for the other commands (hub id, alias, file, chroma, selfie) " + LIVE_MODEL_HELP)
     p.add_argument("--resolution", default=None, metavar="N|WxH",
                    help="input size of the graph, multiples of 32 (default: the model's own)")
     p.add_argument("--batch", default="1", metavar="N|dynamic",
