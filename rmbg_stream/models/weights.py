@@ -306,7 +306,8 @@ def hub_file(repo_id: str, cache_dir: str | os.PathLike | None) -> Path:
         raise WeightsError(
             f"could not reach the Hugging Face hub for {repo_id} ({why}) and it is not in the local cache: "
             f"pass a local checkpoint file or folder, or download it once while online with `hf download {repo_id}` "
-            f"(`huggingface-cli download {repo_id}` on older huggingface_hub){then}"
+            f"(`huggingface-cli download {repo_id}` on older huggingface_hub){then}; or, offline, --model selfie (a "
+            "person segmenter that ships with rmbg-stream: no download)"
         ) from unreachable
     raise WeightsError(
         f"{repo_id} on the Hugging Face hub holds neither {' nor '.join(HUB_FILES)}: "
