@@ -1,5 +1,6 @@
 """Camera mode from a generated clip (paced like a camera) to a file, and the missing-device messages."""
 
+import os
 import subprocess
 import sys
 import time
@@ -69,3 +70,18 @@ def test_missing_camera_and_cli_exit_code(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "rmbg_stream", "camera", "--input", str(tmp_path / "in.mp4"),
                            "--output", "vcam", "--model", "chroma"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "v4l2loopback" in proc.stderr.splitlines()[-1]
+
+
+def test_camera_without_a_model_on_the_cpu_runs_selfie_and_says_so(tmp_path):
+    make_clip(tmp_path / "in.mp4", n=6, w=162, h=98)  # not multiples of 4 (H.264 4:2:0 needs even), not square
+    proc = subprocess.run([sys.executable, "-m", "rmbg_stream", "camera", "--input", str(tmp_path / "in.mp4"),
+                           "--output", str(tmp_path / "out.mp4"), "--device", "cpu", "--background", "#0000ff"],
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr
+    first = proc.stderr.splitlines()[0]
+    assert first.startswith("rmbg-stream: --device cpu, so live video runs --model selfie") and "--model NAME" in first
+    with av.open(str(tmp_path / "out.mp4")) as c:
+        frames = [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
+    assert frames and frames[0].shape == (98, 162, 3)
+    # No person in the clip: the selfie network calls all of it background, the new colour.
+    assert np.abs(frames[-1][5:93, 5:157].astype(int) - (0, 0, 255)).mean() < 30

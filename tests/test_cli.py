@@ -395,3 +395,64 @@ def test_serve_logs_sessions_and_refusals_at_the_default_level(tmp_path):
     assert events[4].startswith("refused GET /ws from 127.0.0.1: 403 origin http://evil.example is not allowed")
     assert events[5].startswith("refused POST /offer from 127.0.0.1: 400 the body must be JSON")
     assert "T0k" not in err
+
+
+# -- issue 18: live commands default to selfie without CUDA; serve takes several models
+
+
+def test_live_commands_default_to_selfie_without_cuda_and_file_commands_keep_rmbg():
+    from rmbg_stream.cli import DEFAULT_MODEL, live_default_model
+
+    assert live_default_model("cuda") == DEFAULT_MODEL == "briaai/RMBG-2.0"
+    assert live_default_model("cpu") == "selfie"
+    parser = make_parser()
+    assert parser.parse_args(["image", "a.png", "-o", "b.png"]).model == DEFAULT_MODEL
+    assert parser.parse_args(["transcode", "a.mp4", "-o", "b.mp4"]).model == DEFAULT_MODEL
+    # No --model: decided at start, on the device the live command will run on.
+    assert parser.parse_args(["serve"]).model is None and parser.parse_args(["camera"]).model is None
+    assert "else selfie" in " ".join(subcommands(parser)["serve"].format_help().split())
+
+
+def test_serve_takes_several_models_listed_or_repeated_and_each_once(capsys):
+    args = make_parser().parse_args(["serve", "--model", "selfie", "chroma", "--model", "chroma:blue"])
+    assert args.model == ["selfie", "chroma", "chroma:blue"]
+    assert main(["serve", "--model", "chroma", "chroma:blue", "chroma", "--port", "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "error: --model names chroma more than once: name each model once", err
+
+
+def test_a_hub_out_of_reach_names_selfie_as_the_offline_choice(tmp_path):
+    picture(tmp_path / "in.png")
+    with endpoint_of("closed port") as endpoint:
+        done, _ = cli(["image", "in.png", "-o", "out.png"], endpoint, tmp_path)
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith(HUB_ERROR) and line.endswith("or, offline, --model selfie (a person segmenter that ships "
+                                                        "with rmbg-stream: no download)"), line
+
+
+def test_serve_without_a_model_and_without_cuda_runs_selfie_and_says_so_in_one_line(tmp_path):
+    import torch
+
+    port = free_port()
+    device = ["--device", "cpu"] if torch.cuda.is_available() else []  # this machine's default otherwise
+    proc = subprocess.Popen([sys.executable, "-m", "rmbg_stream", "serve", "--port", str(port), *device],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+                            env={**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1",
+                                 "HF_HOME": str(tmp_path / "hf")})
+
+    async def health():
+        async with ClientSession() as http:
+            await wait_for_server(http, f"http://127.0.0.1:{port}", proc)
+            async with http.get(f"http://127.0.0.1:{port}/healthz") as r:
+                return await r.json()
+
+    try:
+        body = asyncio.run(health())
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    assert body["model"] == "selfie" and body["models"] == ["selfie"], body
+    notes = [line for line in err.splitlines() if "selfie" in line]
+    assert len(notes) == 1 and notes[0].startswith("rmbg-stream: "), err
+    assert "--model selfie" in notes[0] and "--model NAME" in notes[0] and "under 1 fps" in notes[0], notes
+    assert "model: selfie" in out, out

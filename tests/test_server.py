@@ -545,8 +545,12 @@ def test_latency_stays_bounded_when_the_model_is_slow():
 
 
 class RtcCamera:
-    def __init__(self, codec="vp8", width=320, height=240, view=None, session=None):
+    """A camera (`view` None: sends the synthetic clip, with a data channel) or an OBS view (`channel`: with a data
+    channel too, for the stats)."""
+
+    def __init__(self, codec="vp8", width=320, height=240, view=None, session=None, channel=False):
         self.pc = RTCPeerConnection()
+        self.wants_channel = view is None or channel
         self.track = SyntheticTrack(width, height, 30) if view is None else None
         self.codec, self.view, self.session = codec, view, session
         self.frames: list[tuple[float, int, int, np.ndarray]] = []  # (arrival, width, height, I420)
@@ -557,10 +561,11 @@ class RtcCamera:
     async def connect(self, http, url, **extra):
         if self.view is None:
             t = self.pc.addTransceiver(self.track, direction="sendrecv")
-            self.channel = self.pc.createDataChannel("control")
-            self.channel.on("message", lambda m: self.messages.append(json.loads(m)))
         else:
             t = self.pc.addTransceiver("video", direction="recvonly")
+        if self.wants_channel:
+            self.channel = self.pc.createDataChannel("control")
+            self.channel.on("message", lambda m: self.messages.append(json.loads(m)))
         caps = RTCRtpSender.getCapabilities("video").codecs
         t.setCodecPreferences([c for c in caps if c.mimeType.lower() in (f"video/{self.codec}", "video/rtx")])
         self.pc.on("track", lambda track: setattr(self, "reader", asyncio.ensure_future(self._read(track))))
