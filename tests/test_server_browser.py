@@ -363,3 +363,55 @@ def test_browser_camera_from_another_name_needs_https_and_gets_it_with_tls_self_
         server.terminate()
         out, _ = server.communicate(timeout=20)
     assert "serving https://localhost:" in out and "SHA-256 fingerprint" in out and "0.0.0.0" not in out, out
+
+
+def test_browser_page_shows_the_model_and_switches_between_the_servers_models(tmp_path):
+    """`serve --model chroma chroma:blue`: the page shows the model its session runs, its menu lists the server's
+    models, and choosing the other one changes the picture without reconnecting (WebRTC: over the data channel; the
+    WebSocket page too). The clip's background is key green: gone under the green key, kept under the blue one."""
+    from rmbg_stream.server.synthetic import KEY
+
+    from .test_server_models import two_keyers
+
+    clip = tmp_path / "clip.y4m"
+    write_clip(clip, frames=30)
+
+    async def main():
+        async with serve(models=two_keyers()) as (url, app), ClientSession() as http:
+            chrome = Chromium(http, tmp_path, clip)
+            try:
+                for transport in ("webrtc", "websocket"):
+                    page = await (chrome.start if transport == "webrtc" else chrome.open)(
+                        f"{url}/?autostart=1&transport={transport}&background={quote('#ff8000')}")
+                    await wait_for(page, lambda s: s.get("matched", 0) > 10 and s.get("model") == "chroma", 60)
+                    shown = await page.eval("""[document.getElementById('s-model').textContent,
+                        [...document.getElementById('model').options].map((o) => o.value),
+                        document.getElementById('model').value, document.getElementById('model').disabled]""")
+                    assert shown == ["chroma", ["chroma", "chroma:blue"], "chroma", False], shown
+                    (session,) = app[MANAGER].sessions.values()
+                    await page.eval("""(() => { const s = document.getElementById('model');
+                        s.value = 'chroma:blue'; s.dispatchEvent(new Event('change')); })()""")
+                    state = await wait_for(page, lambda s: s.get("model") == "chroma:blue"
+                                           and s["sample"] is not None and near(s["sample"], KEY, 40), 20)
+                    cameras = [s for s in app[MANAGER].sessions.values() if s.kind != "viewer"]
+                    assert session.model == "chroma:blue" and cameras == [session]  # the same session
+                    assert state["transport"] == transport and state["error"] is None
+                    assert await page.eval("document.getElementById('s-model').textContent") == "chroma:blue"
+                    if transport == "webrtc":  # the OBS view of the session says which model it shows
+                        obs = await chrome.open(f"{url}/obs?label=1")
+                        obs_state = await wait_for(obs, lambda s: s.get("model") == "chroma:blue"
+                                                   and s.get("frames", 0) > 5, 30, "rmbgObs")
+                        label = await obs.eval("[document.title, document.getElementById('status').textContent, "
+                                               "document.getElementById('status').hidden]")
+                        assert label == ["rmbg-stream OBS source: chroma:blue", "model: chroma:blue", False], label
+                        await obs.screenshot("obs-model-label")
+                        await obs.call("Page.navigate", url="about:blank")  # no retries once the camera goes
+                        assert obs_state["status"] == "live"
+                    await page.call("Page.bringToFront")
+                    await page.check(f"model-switched-{transport}")
+                    assert await page.stop_ends_tracks() == ["ended"]
+                    assert await settle(lambda: not app[MANAGER].sessions, 15)
+            finally:
+                chrome.stop()
+
+    run(main())
