@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from . import composite, render
 from .device_api import for_device
 from .filters import half, upsample2x
-from .preprocess import resize
+from .preprocess import resize, to_float
 from .render import BackgroundCache
 from .smoothing import TemporalSmoother, smooth_streams
 from .streams import Result, Stream, StreamOptions, _Item, as_rgb
@@ -48,12 +48,6 @@ class _Group:
     planes: tuple[torch.Tensor, ...]
     small: torch.Tensor  # the network input: RGB (B,3,h,w) float 0..1
     alpha: torch.Tensor | None = None  # (B,1,h,w) float 0..1, once the backend ran
-
-
-def to_float(hwc: torch.Tensor) -> torch.Tensor:
-    """uint8 H x W x 3 -> float (1,3,H,W) in 0..1, contiguous: ops that broadcast an alpha or a colour over a
-    channels-last view of the frame run ~10x slower on the CPU."""
-    return hwc.permute(2, 0, 1).unsqueeze(0).contiguous().float().mul_(1 / 255)
 
 
 def _take(t: torch.Tensor, rows: list[int]) -> torch.Tensor:

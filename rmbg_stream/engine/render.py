@@ -55,12 +55,13 @@ def render_rgb(frame: torch.Tensor, alpha: torch.Tensor, o: StreamOptions,
     fmt = "rgb24"
     if o.image:
         if o.mask_view:
-            img = alpha.expand(-1, 3, -1, -1)
+            parts = (alpha, alpha, alpha)
         else:
             (img,) = fill(o, [(frame, alpha)], [o.background.color], [bg])
+            parts = (img,)
             if o.background.kind == "transparent":
-                img, fmt = composite.to_rgba(img, alpha), "rgba"
-        out["image"] = composite.to_uint8(img).permute(0, 2, 3, 1).contiguous()
+                parts, fmt = (img, alpha), "rgba"  # as composite.to_rgba, interleaved in one pass
+        out["image"] = composite.to_uint8_hwc(*parts)
     if o.alpha:
         out["alpha"] = composite.to_uint8(alpha)[:, 0]
     return fmt, out
