@@ -41,6 +41,7 @@ from types import SimpleNamespace
 
 import av
 
+from .engine.setup import MODEL_OPTIONS
 from .engine.yuv import i420_planes
 from .media.reader import Frame, MediaError, VideoReader, io_threads, open_input, upright
 from .transcode import DEFAULT_COLOR, FORMATS, Summary, check_video_background, input_pairs
@@ -514,7 +515,7 @@ def _workers(ray, args, tally: str) -> list:
     res = ray.cluster_resources()
     gpus = 0 if args.device == "cpu" else int(res.get("GPU", 0))
     n = args.cluster_workers or (gpus or max(1, int(res.get("CPU", 1) // args.cluster_cpus)))
-    model = {k: getattr(args, k, None) for k in ("model", "device", "precision", "resolution", "patch_order")}
+    model = {k: getattr(args, k, None) for k in MODEL_OPTIONS}
     cls = ray.remote(Worker).options(num_gpus=1 if gpus else 0, num_cpus=args.cluster_cpus, max_restarts=-1,
                                      max_task_retries=args.retries)
     return [cls.remote(i, model, args.batch, None if gpus else args.cluster_cpus, tally) for i in range(n)]

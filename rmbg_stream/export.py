@@ -1,9 +1,12 @@
-"""`rmbg-stream export`: a BiRefNet checkpoint -> an ONNX graph that `--model FILE.onnx` runs through onnxruntime.
+"""`rmbg-stream export`: a BiRefNet checkpoint or the selfie segmenter -> an ONNX graph that `--model FILE.onnx`
+runs through onnxruntime.
 
-The graph takes the normalised image, float32 (B,3,h,w) (ImageNet mean/std already applied: the backend does
-that), and returns the four logit maps of `BiRefNet.forward`: ``out0`` (B,1,h/32,w/32), ``out1`` (1/16),
-``out2`` (1/8) and ``out3`` (B,1,h,w); alpha = sigmoid(out3). Spatial size is fixed; the batch is fixed
-(``--batch N``) or a symbolic axis (``--batch dynamic``).
+A BiRefNet graph takes the normalised image, float32 (B,3,h,w) (ImageNet mean/std already applied: the backend
+does that), and returns the four logit maps of `BiRefNet.forward`: ``out0`` (B,1,h/32,w/32), ``out1`` (1/16),
+``out2`` (1/8) and ``out3`` (B,1,h,w); alpha = sigmoid(out3). The selfie graph takes RGB (B,3,h,w) in 0..1 and
+returns ``alpha`` (B,1,h,w), already a probability. Spatial size is fixed; the batch is fixed (``--batch N``) or
+a symbolic axis (``--batch dynamic``). What the input range is and whether the last output is logits is in the
+metadata (``rmbg_stream.input_range``, ``rmbg_stream.output``): a graph that says neither is refused when run.
 
 Deformable convolutions stay one native ONNX ``DeformConv`` node each (opset 19+): PyTorch's dynamo exporter
 (``torch.onnx.export(dynamo=True)``, torch 2.14) translates ``torchvision::deform_conv2d`` to it, and
@@ -23,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from .models import BiRefNet
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +79,7 @@ def check_output(path: Path) -> None:
 def export_onnx(model: str, output: str | os.PathLike, resolution: str | int | None = None, batch: str | int = 1,
                 patch_order: str | None = None) -> ExportResult:
     """Export `model` (as `--model` takes it, chroma aside) to `output`; see the module docstring."""
-    from .engine.backends import BiRefNetBackend, create_backend
+    from .engine.backends import load_network, network_meta
     from .engine.setup import parse_resolution
 
     path = Path(output)
@@ -82,15 +87,12 @@ def export_onnx(model: str, output: str | os.PathLike, resolution: str | int | N
     res = parse_resolution(resolution)
     n = parse_batch(batch)
     if model == "chroma" or model.startswith("chroma:"):
-        raise ValueError("the chroma keyer has no network to export; pass a BiRefNet checkpoint")
+        raise ValueError("the chroma keyer has no network to export; pass a BiRefNet checkpoint or selfie")
     if model.lower().endswith(".onnx"):
         raise ValueError(f"{model} is already an ONNX graph; pass the checkpoint it came from")
     check_exporter()
-    backend = create_backend(model, torch.device("cpu"), "fp32", res, patch_order=patch_order)
-    if not isinstance(backend, BiRefNetBackend):  # create_backend gives a network for every other name
-        raise ValueError(f"{model} is not a BiRefNet checkpoint")
-    meta = {"source": model, "backbone": backend.model.backbone}
-    return export_network(backend.model, path, backend.resolution, n, meta)
+    backend = load_network(model, res, patch_order)
+    return export_network(backend.model, path, backend.resolution, n, network_meta(backend, model))
 
 
 def export_network(network: torch.nn.Module, path: Path, resolution: tuple[int, int], batch: int | None,
@@ -100,7 +102,8 @@ def export_network(network: torch.nn.Module, path: Path, resolution: tuple[int, 
     t0 = time.perf_counter()
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        program = trace(network, h, w, batch)
+        names = list(OUTPUTS) if isinstance(network, BiRefNet) else ["alpha"]
+        program = trace(network, h, w, batch, names)
         write(program, tmp, {"resolution": f"{w}x{h}", "batch": "dynamic" if batch is None else str(batch), **meta})
         deform = count_ops(tmp, "DeformConv")
         os.replace(tmp, path)
@@ -118,13 +121,13 @@ def check_exporter() -> None:
         raise ValueError(f"export needs {exc.name}: pip install 'rmbg-stream[onnx]'") from None
 
 
-def trace(network, h: int, w: int, batch: int | None):
+def trace(network, h: int, w: int, batch: int | None, names: list[str]):
     """The dynamo exporter's ONNXProgram of `network` for (batch or a symbolic B, 3, h, w) float32 input."""
     x = torch.zeros(batch or 2, 3, h, w)
     dynamic = None if batch is not None else {"x": {0: torch.export.Dim("batch", min=1, max=MAX_DYNAMIC_BATCH)}}
     with torch.inference_mode(False), torch.no_grad():
         return torch.onnx.export(Network(network).eval(), (x,), dynamo=True, opset_version=OPSET,
-                                 input_names=["x"], output_names=list(OUTPUTS), dynamic_shapes=dynamic,
+                                 input_names=["x"], output_names=names, dynamic_shapes=dynamic,
                                  verbose=False)
 
 

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from rmbg_stream.device import pick_device, pick_dtype
-from rmbg_stream.engine.backends import BiRefNetBackend
+from rmbg_stream.engine.backends import NetworkBackend
 from rmbg_stream.engine.engine import Engine, StreamOptions
 from rmbg_stream.models import BACKBONES, BiRefNet
 
@@ -96,7 +96,7 @@ def main() -> None:
     device = pick_device(args.device)
     args.frames = args.frames or (200 if device.type == "cuda" else 8)
     w, h = map(int, args.frame_size.lower().split("x"))
-    backend = BiRefNetBackend(BiRefNet(args.backbone), (args.size, args.size), device,
+    backend = NetworkBackend(BiRefNet(args.backbone), (args.size, args.size), device,
                               pick_dtype(args.precision, device))
     frames = synthetic_frames(args.frames, h, w)
     options = StreamOptions(background=StreamOptions().background, smoothing=0.5)

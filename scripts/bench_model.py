@@ -60,14 +60,14 @@ def network(backbone: str) -> BiRefNet:
 
 def make_backend(runtime: str, cfg: dict, onnx_path: str | None):
     """The backend of `runtime` for the benchmark's network (cfg: backbone, sizes, device, precision)."""
-    from rmbg_stream.engine.backends import BiRefNetBackend
+    from rmbg_stream.engine.backends import NetworkBackend
     from rmbg_stream.engine.runtimes import OnnxBackend
 
     device = torch.device(cfg["device"])
     if runtime == "onnx":
         return OnnxBackend(onnx_path, device)
     dtype = pick_dtype(cfg["precision"], device)
-    backend = BiRefNetBackend(network(cfg["backbone"]), cfg["sizes"][0], device, dtype,
+    backend = NetworkBackend(network(cfg["backbone"]), cfg["sizes"][0], device, dtype,
                               runtime="eager" if runtime == "eager_cl" else runtime)
     if runtime == "eager_cl":
         backend.model.to(memory_format=torch.channels_last)

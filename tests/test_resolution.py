@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from rmbg_stream.cli import main
-from rmbg_stream.engine.backends import BiRefNetBackend, create_backend
+from rmbg_stream.engine.backends import NetworkBackend, create_backend
 from rmbg_stream.engine.engine import Engine, StreamOptions
 from rmbg_stream.engine.preprocess import check_size, fit_aspect
 from rmbg_stream.engine.setup import parse_resolution
@@ -118,7 +118,7 @@ def test_dynamic_backend_feeds_each_frame_at_its_own_aspect():
     """A dynamic model (aspect=True) at long side 128: a 16:9 frame goes in at 128x64 (WxH), a portrait one at
     64x128, in the same engine; the masks are finite, non-trivial and at frame size."""
     torch.manual_seed(0)
-    backend = BiRefNetBackend(BiRefNet("swin_v1_t"), (128, 128), CPU, torch.float32, aspect=True)
+    backend = NetworkBackend(BiRefNet("swin_v1_t"), (128, 128), CPU, torch.float32, aspect=True)
     seen = []
     backend.model.register_forward_pre_hook(lambda m, args: seen.append(tuple(args[0].shape)))
     rng = np.random.default_rng(0)

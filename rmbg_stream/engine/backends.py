@@ -18,15 +18,15 @@ import torch
 from ..device import pick_dtype
 from ..models import BiRefNet
 from ..models.blocks import check_deform_stream
+from ..models.contract import BIREFNET_IO, IMAGENET_MEAN, IMAGENET_STD, NetworkIO, normalise
 from ..tuning import fast_convolutions, fast_matmul
 from .background import parse_background
 from .preprocess import check_size, fit_aspect
-from .runtimes import CompiledNet, OnnxBackend, cached_export, choose_runtime
+from .runtimes import CompiledNet, OnnxBackend, cached_export, choose_runtime, is_onnx, is_selfie
 
 log = logging.getLogger(__name__)
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "Backend", "ChromaBackend", "NetworkBackend", "create_backend"]
 
 
 class Backend(Protocol):
@@ -46,12 +46,15 @@ class Backend(Protocol):
     def __call__(self, x: torch.Tensor) -> torch.Tensor: ...
 
 
-class BiRefNetBackend:
-    """`resolution` (h, w), multiples of 32; `aspect`: the model takes any such size (see the module docstring)."""
+class NetworkBackend:
+    """A network that returns a list of maps, the final one last (BiRefNet, `SelfieNet`). `resolution` (h, w),
+    multiples of 32 (16 for the selfie network); `aspect`: the model takes any such size (see the module
+    docstring); `io`: how it takes RGB and what its last map is (`models.contract`)."""
 
-    def __init__(self, model: BiRefNet, resolution: tuple[int, int], device: torch.device, dtype: torch.dtype,
-                 name: str = "birefnet", aspect: bool = False, runtime: str = "eager"):
-        check_size(resolution)
+    def __init__(self, model: torch.nn.Module, resolution: tuple[int, int], device: torch.device,
+                 dtype: torch.dtype, name: str = "birefnet", aspect: bool = False, runtime: str = "eager",
+                 io: NetworkIO = BIREFNET_IO, multiple: int = 32):
+        check_size(resolution, multiple)
         check_deform_stream(device)
         fast_matmul()
         fast_convolutions(device)
@@ -61,19 +64,18 @@ class BiRefNetBackend:
         self.guided = True
         self.device = device
         self.dtype = dtype
+        self.io = io
         self.model = model.eval().to(device=device, dtype=dtype)
         self.runtime = runtime  # "eager" or "compile" (engine/runtimes.py)
         self.net = CompiledNet(self.model, device) if runtime == "compile" else self.model
-        self.mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
-        self.std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+        self.scaling = io.scaling(device)
 
     def input_size(self, h: int, w: int) -> tuple[int, int]:
         return fit_aspect(h, w, max(self.resolution)) if self.aspect else self.resolution
 
     @torch.inference_mode()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        x = ((x - self.mean) / self.std).to(self.dtype)
-        return self.net(x)[-1].float().sigmoid_()
+        return self.io.alpha(self.net(normalise(x, self.scaling).to(self.dtype))[-1])
 
 
 class ChromaBackend:
@@ -157,29 +159,58 @@ def border_median(frame: torch.Tensor, border: float) -> torch.Tensor:
 
 def create_backend(name: str, device: torch.device, precision: str = "auto",
                    resolution: tuple[int, int] | None = None, *, patch_order: str | None = None,
-                   runtime: str = "eager") -> Backend:
-    """`name`: ``chroma``, ``chroma:<colour>`` or ``chroma:auto``; ``random:<backbone>`` (untrained, for benchmarks and
-    tests); a ``.onnx`` graph (`rmbg-stream export`); otherwise a BiRefNet checkpoint: hub id, alias, snapshot folder or
-    weights file. `resolution` (h, w) overrides the model's own; a dynamic model given a square one keeps each
-    frame's aspect at that long side, a non-square one is taken as is. `runtime`: see engine/runtimes.py."""
+                   runtime: str = "eager", io: NetworkIO | None = None) -> Backend:
+    """`name`: ``chroma``, ``chroma:<colour>`` or ``chroma:auto``; ``selfie`` or ``selfie-landscape`` (MediaPipe's
+    selfie segmenter, bundled), or a ``.tflite`` file of it; ``random:<backbone>`` (untrained, for benchmarks and
+    tests); a ``.onnx`` graph (`rmbg-stream export`); otherwise a BiRefNet checkpoint: hub id, alias, snapshot folder
+    or weights file. `resolution` (h, w) overrides the model's own; a dynamic model given a square one keeps each
+    frame's aspect at that long side, a non-square one is taken as is. `runtime`: see engine/runtimes.py. `io`:
+    what a .onnx graph without our metadata takes and gives (`--input-range`, `--model-output`); refused for
+    other models, whose files say it themselves."""
     if resolution is not None:
         check_size(resolution)
     runtime = choose_runtime(runtime, name, device)
+    if io is not None and not is_onnx(name):
+        raise ValueError(f"--input-range and --model-output describe a .onnx graph; {name} says them itself")
     if name == "chroma" or name.startswith("chroma:"):
         return create_chroma(name, device)
+    if is_selfie(name) and resolution is not None:
+        raise ValueError(f"{name} runs at the size it was trained at (its file fixes it): leave out --resolution")
     if runtime == "onnx":
-        return create_onnx(name, device, precision, resolution, patch_order)
+        return create_onnx(name, device, precision, resolution, patch_order, io)
     dtype = pick_dtype(precision, device)
+    if is_selfie(name):
+        from ..models.selfie import load_selfie
+
+        model, info = load_selfie(name)
+        return NetworkBackend(model, info.resolution, device, dtype, name, runtime=runtime, io=info.io, multiple=16)
     if name.startswith("random:"):
         backbone = name.split(":", 1)[1]
         log.warning("random weights for %s: output masks are meaningless (benchmarks and tests only)", backbone)
-        return BiRefNetBackend(BiRefNet(backbone), resolution or (1024, 1024), device, dtype, name, runtime=runtime)
+        return NetworkBackend(BiRefNet(backbone), resolution or (1024, 1024), device, dtype, name, runtime=runtime)
     from ..models.weights import load_birefnet
 
     model, info = load_birefnet(name, patch_order=patch_order)
     dynamic = info.spec is not None and info.spec.dynamic
     aspect = dynamic and (resolution is None or resolution[0] == resolution[1])
-    return BiRefNetBackend(model, resolution or info.resolution, device, dtype, name, aspect, runtime)
+    return NetworkBackend(model, resolution or info.resolution, device, dtype, name, aspect, runtime)
+
+
+def load_network(name: str, resolution: tuple[int, int] | None = None, patch_order: str | None = None
+                 ) -> NetworkBackend:
+    """The network alone, float32 on the CPU, eager: what an export starts from (`export`, the ONNX cache)."""
+    backend = create_backend(name, torch.device("cpu"), "fp32", resolution, patch_order=patch_order, runtime="eager")
+    if not isinstance(backend, NetworkBackend):  # create_backend gives a network for every name but chroma
+        raise ValueError(f"{name} has no network to export")
+    return backend
+
+
+def network_meta(backend: NetworkBackend, source: str) -> dict[str, str]:
+    """What an exported graph records of its network (``rmbg_stream.*`` metadata; `OnnxBackend` reads it)."""
+    meta = {"source": source, "input_range": backend.io.input_range, "output": backend.io.output}
+    if isinstance(backend.model, BiRefNet):
+        return meta | {"network": "birefnet", "backbone": backend.model.backbone}
+    return meta | {"network": "selfie"}
 
 
 def create_chroma(name: str, device: torch.device) -> ChromaBackend:
@@ -194,7 +225,7 @@ def create_chroma(name: str, device: torch.device) -> ChromaBackend:
 
 
 def create_onnx(name: str, device: torch.device, precision: str, resolution: tuple[int, int] | None,
-                patch_order: str | None) -> OnnxBackend:
+                patch_order: str | None, io: NetworkIO | None = None) -> OnnxBackend:
     """An `OnnxBackend` for a .onnx file, or for a checkpoint exported first (engine/runtimes.py)."""
     if precision not in ("auto", "fp32"):
         raise ValueError(f"--runtime onnx runs the fp32 graph; --precision {precision} needs --runtime eager "
@@ -204,7 +235,7 @@ def create_onnx(name: str, device: torch.device, precision: str, resolution: tup
             raise FileNotFoundError(f"ONNX graph {name} not found")
         if resolution is not None:
             raise ValueError(f"{name} has its input size fixed at export: leave out --resolution")
-        return OnnxBackend(name, device)
+        return OnnxBackend(name, device, io=io)
     path = cached_export(name, resolution, patch_order)
     try:
         return OnnxBackend(path, device, name)

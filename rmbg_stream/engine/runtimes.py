@@ -1,6 +1,6 @@
 """How the network runs: `--runtime eager|compile|onnx|auto`, behind the one `Backend` contract.
 
-- ``eager``: PyTorch module calls (`BiRefNetBackend` alone).
+- ``eager``: PyTorch module calls (`NetworkBackend` alone).
 - ``compile``: `CompiledNet`, ``torch.compile`` with shapes fixed per (h, w, batch). Batches are padded up to
   the next power of two (1, 2, 4, 8 ...) and the result sliced back, so an engine whose batches vary compiles
   at most log2(max batch) + 1 graphs per input size; the engine never sees the padding. Compiled kernels stay
@@ -28,6 +28,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..models.contract import BIREFNET_IO, NetworkIO, normalise
+
 log = logging.getLogger(__name__)
 
 RUNTIMES = ("eager", "compile", "onnx", "auto")
@@ -44,6 +46,13 @@ PROVIDERS = {
 
 def is_onnx(model: str) -> bool:
     return model.lower().endswith(".onnx")
+
+
+def is_selfie(model: str) -> bool:
+    """MediaPipe's selfie segmenter: a bundled name or a .tflite file of it (models/selfie.py)."""
+    from ..models.selfie import lookup_selfie
+
+    return lookup_selfie(model) is not None or model.lower().endswith(".tflite")
 
 
 def choose_runtime(runtime: str, model: str, device: torch.device) -> str:
@@ -130,10 +139,9 @@ class OnnxBackend:
     of fixed batch N runs batches in chunks of N, the last padded; a dynamic one runs each batch whole.
     """
 
-    def __init__(self, path: str | os.PathLike, device: torch.device, name: str | None = None):
+    def __init__(self, path: str | os.PathLike, device: torch.device, name: str | None = None,
+                 io: NetworkIO | None = None):
         import onnxruntime as ort
-
-        from .backends import IMAGENET_MEAN, IMAGENET_STD
 
         providers = [p for p in PROVIDERS.get(device.type, ()) if p in ort.get_available_providers()]
         if not providers or providers == ["CPUExecutionProvider"] and device.type != "cpu":
@@ -143,22 +151,25 @@ class OnnxBackend:
         options.intra_op_num_threads = torch.get_num_threads()
         self.session = ort.InferenceSession(os.fspath(path), options, providers=providers)
         shape = self.session.get_inputs()[0].shape  # [B or 'batch', 3, h, w]
+        if len(shape) != 4 or shape[1] != 3 or not all(isinstance(d, int) for d in shape[2:]):
+            raise ValueError(f"{path} takes an input of shape {shape}: expected (B,3,h,w) RGB, h and w fixed")
         self.batch = shape[0] if isinstance(shape[0], int) else None
         self.name = name or os.fspath(path)
         self.resolution = (int(shape[2]), int(shape[3]))
         self.guided = True
         self.device = device
         self.dtype = torch.float32
-        self.mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
-        self.std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+        self.io = io or graph_io(self.session.get_modelmeta().custom_metadata_map, path)
+        self.scaling = self.io.scaling(device)
         self.input_name = self.session.get_inputs()[0].name
-        self.output_name = self.session.get_outputs()[-1].name  # the final mask's logits (out3)
+        self.output_name = self.session.get_outputs()[-1].name  # the final mask (BiRefNet's out3)
 
     def input_size(self, h: int, w: int) -> tuple[int, int]:
         return self.resolution
 
     def final_logits(self, x: torch.Tensor) -> torch.Tensor:
-        """Normalised float32 (B,3,h,w) on `device` -> the graph's last output (B,1,h,w), on `device` too.
+        """Normalised float32 (B,3,h,w) on `device` -> the graph's last output (B,1,h,w) (logits or alpha, by
+        `io`), on `device` too.
 
         Inputs and output are bound to torch's own memory (`io_binding`), so a CUDA batch never goes through the
         host: the old `x.cpu().numpy()` path copied each batch down and the mask back up, with a sync each way.
@@ -188,8 +199,19 @@ class OnnxBackend:
 
     @torch.inference_mode()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        x = (x.to(self.device, torch.float32) - self.mean) / self.std
-        return self.final_logits(x).sigmoid_()
+        return self.io.alpha(self.final_logits(normalise(x.to(self.device, torch.float32), self.scaling)))
+
+
+def graph_io(meta: dict[str, str], path) -> NetworkIO:
+    """What a graph takes and gives, from its ``rmbg_stream.*`` metadata (`export.py`). Graphs exported before that
+    metadata existed name a BiRefNet ``backbone`` (the only network we exported then): ImageNet input, logits out.
+    Any other graph is refused: its input range and output cannot be told, and a guess gives wrong masks."""
+    if "rmbg_stream.input_range" in meta and "rmbg_stream.output" in meta:
+        return NetworkIO(meta["rmbg_stream.input_range"], meta["rmbg_stream.output"])
+    if "rmbg_stream.backbone" in meta:
+        return BIREFNET_IO
+    raise ValueError(f"{path} does not say what input range it takes or whether its output is logits or an alpha: "
+                     "pass --input-range 0..1|0..255|-1..1|imagenet and --model-output logits|probability")
 
 
 def cache_home() -> Path:
@@ -200,27 +222,36 @@ def cached_export(model: str, resolution: tuple[int, int] | None, patch_order: s
     """The ONNX graph of checkpoint `model`, exported once into the cache (see the module docstring); random
     weights (``random:<backbone>``) differ at every start, so they are exported to a fresh file each time."""
     from ..export import check_exporter, export_network
-    from .backends import create_backend
+    from .backends import load_network, network_meta
 
     check_exporter()
     root = Path(os.environ.get("RMBG_ONNX_CACHE") or cache_home() / "rmbg-stream" / "onnx")
     if model.startswith("random:"):
         path = root / f"random-{os.getpid()}-{time.monotonic_ns()}.onnx"
     else:
-        from ..models.weights import resolve
-
-        weights, _ = resolve(model, None)
+        weights = weights_file(model)
         stat = weights.stat()
         key = f"{weights.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{resolution}|{patch_order}|{torch.__version__}"
         path = root / f"{hashlib.sha1(key.encode()).hexdigest()[:16]}.onnx"
         if path.is_file():
             return path
     # Loaded first: a bad checkpoint is its own one-line error, with no export notice before it.
-    net = create_backend(model, torch.device("cpu"), "fp32", resolution, patch_order=patch_order, runtime="eager")
+    net = load_network(model, resolution, patch_order)
     root.mkdir(parents=True, exist_ok=True)
     where = "random weights: not kept" if model.startswith("random:") else f"once; cached as {path}"
     print(f"exporting {model} to ONNX ({where}) ...", file=sys.stderr, flush=True)
-    meta = {"source": model, "backbone": net.model.backbone}
-    result = export_network(net.model, path, net.resolution, None, meta)
+    result = export_network(net.model, path, net.resolution, None, network_meta(net, model))
     print(f"exported in {result.seconds:.1f} s", file=sys.stderr, flush=True)
     return path
+
+
+def weights_file(model: str) -> Path:
+    """The file a network's weights come from (the cache key of its export)."""
+    if is_selfie(model):
+        from ..models.selfie import lookup_selfie
+
+        spec = lookup_selfie(model)
+        return spec.path if spec else Path(model)
+    from ..models.weights import resolve
+
+    return resolve(model, None)[0]

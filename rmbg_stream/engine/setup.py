@@ -27,23 +27,41 @@ def parse_resolution(value: str | int | None) -> tuple[int, int] | None:
     return h, w
 
 
+# The options of `cli.add_model_args`: what a backend is built from (a cluster worker gets each of them).
+MODEL_OPTIONS = ("model", "device", "precision", "resolution", "patch_order", "runtime", "input_range", "model_output")
+
+
 def load_backend(model: str, device: str = "auto", precision: str = "auto", resolution: str | int | None = None,
-                 patch_order: str | None = None, runtime: str = "eager") -> Backend:
-    """The backend for `--model`, `--device`, `--precision`, `--resolution`, `--patch-order` and `--runtime`
-    (see `cli`; runtimes in engine/runtimes.py). Callers other than the command line get eager by default."""
+                 patch_order: str | None = None, runtime: str = "eager", input_range: str | None = None,
+                 model_output: str | None = None) -> Backend:
+    """The backend for `--model`, `--device`, `--precision`, `--resolution`, `--patch-order`, `--runtime`,
+    `--input-range` and `--model-output` (see `cli`; runtimes in engine/runtimes.py). Callers other than the
+    command line get eager by default."""
     from ..device import pick_device
     from .backends import create_backend
 
     res = parse_resolution(resolution)
-    return create_backend(model, pick_device(device), precision, res, patch_order=patch_order, runtime=runtime)
+    io = network_io(input_range, model_output)
+    return create_backend(model, pick_device(device), precision, res, patch_order=patch_order, runtime=runtime,
+                          io=io)
+
+
+def network_io(input_range: str | None, model_output: str | None):
+    """`--input-range` and `--model-output` -> a `NetworkIO`, or None when neither is given; both or neither."""
+    if input_range is None and model_output is None:
+        return None
+    if input_range is None or model_output is None:
+        raise ValueError("--input-range and --model-output go together: a graph needs both said")
+    from ..models.contract import NetworkIO
+
+    return NetworkIO(input_range, model_output)
 
 
 def build_backend(args) -> Backend:
     """`load_backend` from parsed options (an `argparse.Namespace` of `cli.add_model_args`)."""
-    # Scripts (bench_transcode) and tests build their own Namespace without these newer options.
-    order = getattr(args, "patch_order", None)
-    runtime = getattr(args, "runtime", "eager")
-    return load_backend(args.model, args.device, args.precision, args.resolution, order, runtime)
+    # Scripts (bench_transcode) and tests build their own Namespace without the newer options.
+    defaults = {"patch_order": None, "runtime": "eager", "input_range": None, "model_output": None}
+    return load_backend(**{k: getattr(args, k, defaults.get(k)) for k in MODEL_OPTIONS})
 
 
 def check_background(text: str | None) -> None:
