@@ -33,6 +33,7 @@ from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 from yarl import URL
 
+from ..device import pick_device
 from ..engine.composite import Background, parse_background
 from ..engine.engine import Engine
 from ..engine.setup import build_backend
@@ -435,6 +436,11 @@ def serve(args, models: list[str], background: Background, socks: list[socket.so
     """Loads each model (one engine each) and runs the app on `socks` until interrupted."""
     if is_loopback(args.host):
         aiortc_patches.keep_media_on_loopback()
+    # Tuned before the models load too: an onnxruntime session takes its thread count from torch's when it is made,
+    # and with two threads on two shared cores its spinning pool cost a selfie session about half its frame rate
+    # (1 session, 640x480: 9-13 fps against 18-22 with one thread, alternating runs). Again after, so that the
+    # garbage collector also leaves the models' objects alone (gc.freeze).
+    tune_server(pick_device(args.device))
     backends = {name: build_backend(Namespace(**{**vars(args), "model": name})) for name in models}
     tune_server(backends[models[0]].device)
     log_events()
