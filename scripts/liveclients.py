@@ -2,7 +2,9 @@
 
 `Server` runs `python -m rmbg_stream serve ...` as a subprocess (its memory and CPU time are its own) and reads its
 RSS, /healthz and /metrics. `RtcClient` is an aiortc camera sending a synthetic green-screen clip whose frames carry
-their number (so each processed frame that comes back gives a latency); `WsClient` speaks the WebSocket protocol of
+their number (so each processed frame that comes back gives a latency), or real footage (`Footage`, for a real
+network: the green screen has no person in it, and a person segmenter calls all of it background, stamp included)
+stamped with big blocks that survive any background; `WsClient` speaks the WebSocket protocol of
 `rmbg_stream/server/websocket.py` (JPEG frames after a 16-byte header; the reply echoes the client's timestamp, so
 each reply gives a latency too). Both can leave politely (`close`) or abruptly (`kill`: the socket is torn down with
 no goodbye, as when a browser tab crashes).
@@ -12,21 +14,28 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fractions
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import aiohttp
+import av
 import cv2
 import numpy as np
-from aiortc import RTCPeerConnection, RTCRtpSender, RTCSessionDescription
+from aiortc import MediaStreamTrack, RTCPeerConnection, RTCRtpSender, RTCSessionDescription
 
-from rmbg_stream.server.synthetic import GreenScreen, SyntheticTrack, read_stamp
+from rmbg_stream.server.frames import video_frame
+from rmbg_stream.server.synthetic import CLOCK, GreenScreen, SyntheticTrack, read_stamp
 from rmbg_stream.server.websocket import JPEG, pack, unpack
+
+CHAPLIN = Path(__file__).resolve().parents[2] / "shared" / "media" / "chaplin.mp4"
 
 
 def free_port() -> int:
@@ -43,6 +52,73 @@ def proc_stats(pid: int) -> tuple[float, float]:
         fields = f.read().rsplit(")", 1)[1].split()
     cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     return rss, cpu
+
+
+def thread_names(pid: int) -> dict[int, str]:
+    """Python's names of a process's threads by native id, from `py-spy dump` (pip install py-spy); empty without
+    it. /proc only says "python" for each: CPython 3.11 gives its threads no OS-level names."""
+    try:
+        dump = subprocess.run(["py-spy", "dump", "--pid", str(pid), "--nonblocking"], capture_output=True, text=True,
+                              timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return {}
+    return {int(m[1]): m[2] for m in re.finditer(r'^Thread (\d+) \(\w+\): "([^"]*)"', dump, re.M)}
+
+
+def thread_cpu(pid: int, names: dict[int, str]) -> dict[str, float]:
+    """CPU seconds of a process's threads so far, summed by `names` (`thread_names`) with trailing digits dropped
+    (asyncio_0, asyncio_1 -> asyncio); threads not named there are "native" (onnxruntime's pool, codec threads)."""
+    out: dict[str, float] = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{task}/stat") as f:
+                fields = f.read().rpartition(")")[2].split()
+        except OSError:  # the thread ended meanwhile
+            continue
+        name = names.get(int(task), "native").rstrip("0123456789_-: ") or "?"
+        out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
+# Where the engine's worker spends its time: the first of these functions on a sample's stack names its stage.
+ENGINE_STAGES = (("smooth_streams", "smoothing"), ("Engine._upsample", "upsampling"), ("render (", "composite"),
+                 ("Engine._infer", "network"), ("Engine._group", "preprocess (colour, resize)"),
+                 ("Engine._upload", "upload"), ("Engine._download", "download and hand-off"),
+                 ("Engine._collect", "waiting for frames"))
+
+
+def profile(pid: int, seconds: float, out: str) -> subprocess.Popen:
+    """py-spy sampling the process for `seconds` (100 Hz, every thread, without pausing it) into `out` (raw)."""
+    return subprocess.Popen(["py-spy", "record", "--pid", str(pid), "--duration", str(max(1, round(seconds))),
+                             "--rate", "100", "--threads", "--nonblocking", "--format", "raw", "--output", out],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def summarise_profile(path: str) -> dict:
+    """Shares of a raw py-spy profile (`profile`): samples per thread (names without their digits), and the engine
+    worker's by stage (`ENGINE_STAGES`). py-spy samples threads that run Python or hold no lock; native work that
+    released the GIL (onnxruntime, libvpx) shows in the frame that called it."""
+    threads: dict[str, int] = {}
+    stages: dict[str, int] = {}
+    total = 0
+    with open(path) as f:
+        for line in f:
+            stack, _, n = line.rstrip().rpartition(" ")
+            n = int(n)
+            total += n
+            name = re.sub(r"^thread \(\d+\): ", "", stack.split(";", 1)[0]).rstrip("0123456789_-: ") or "?"
+            threads[name] = threads.get(name, 0) + n
+            if name == "rmbg-engine":
+                stage = next((label for fn, label in ENGINE_STAGES if fn in stack), "other")
+                stages[stage] = stages.get(stage, 0) + n
+    engine = sum(stages.values())
+
+    def share(counts: dict[str, int], of: int) -> dict[str, float]:
+        return {k: round(100 * v / of, 1) for k, v in sorted(counts.items(), key=lambda kv: -kv[1])} if of else {}
+
+    return {"samples": total, "percent_by_thread": share(threads, total),
+            "engine_percent_by_stage": share(stages, engine)}
 
 
 def pct(values: list[float], q: float) -> float | None:
@@ -140,12 +216,113 @@ class Server:
         return left
 
 
-class RtcClient:
-    """An aiortc camera: `got` holds (arrival, frame number or None) of every processed frame that came back."""
+class Footage:
+    """Real footage as a camera's frames: I420 (3H/2, W) uint8, each frame of `path` once (a clip that repeats frames,
+    as chaplin.mp4 repeats every third, would make two sends of one picture), cropped to the aspect of W x H and
+    scaled to it. Decoded once and shared by every camera that plays it.
 
-    def __init__(self, index: int, width: int, height: int, fps: float, codec: str = "vp8"):
+    `stamp(n)` is frame n % len with its number in BITS blocks of BLOCK_W x BLOCK_H across the top, the bits in one
+    row and inverted below them. The blocks are large against the background blur (sigma at most 4 % of the short
+    side, 19 px at 480 high; 10 px at the default strength): whether the network keeps them as foreground or the
+    server blurs them, replaces them with a colour (then they are lost) or keeps the original, the centre of each
+    block stays on its side of mid-grey under blur and VP8, so `read` gets the number back."""
+
+    BITS, BLOCK_W, BLOCK_H, TOP = 12, 48, 40, 0
+
+    def __init__(self, path: Path, width: int, height: int):
+        if width < self.BITS * self.BLOCK_W or height < 4 * self.BLOCK_H or width % 2 or height % 2:
+            raise ValueError(f"footage frames need a width >= {self.BITS * self.BLOCK_W} and a height >= "
+                             f"{4 * self.BLOCK_H}, both even")
+        self.w, self.h = width, height
+        self.x0 = (width - self.BITS * self.BLOCK_W) // 2
+        self.frames = self._load(Path(path))
+
+    def _load(self, path: Path) -> list[np.ndarray]:
+        out, last = [], None
+        with av.open(str(path)) as container:
+            for frame in container.decode(video=0):
+                rgb = frame.to_ndarray(format="rgb24")
+                if last is not None and np.abs(rgb.astype(np.int16) - last).mean() < 0.5:
+                    continue  # a repeated frame
+                last = rgb.astype(np.int16)
+                out.append(cv2.cvtColor(self._fit(rgb), cv2.COLOR_RGB2YUV_I420))
+        if not out:
+            raise ValueError(f"{path}: no video frames")
+        return out
+
+    def _fit(self, rgb: np.ndarray) -> np.ndarray:
+        """The centre of `rgb` at the aspect of W x H, scaled to W x H."""
+        h, w = rgb.shape[:2]
+        if w * self.h > h * self.w:  # wider than wanted: crop the sides
+            cw = h * self.w // self.h
+            rgb = rgb[:, (w - cw) // 2 : (w - cw) // 2 + cw]
+        else:
+            ch = w * self.h // self.w
+            rgb = rgb[(h - ch) // 2 : (h - ch) // 2 + ch]
+        return cv2.resize(rgb, (self.w, self.h), interpolation=cv2.INTER_AREA)
+
+    def stamp(self, n: int) -> np.ndarray:
+        f = self.frames[n % len(self.frames)].copy()
+        bits = [(n >> (self.BITS - 1 - i)) & 1 for i in range(self.BITS)]
+        top, bw, bh = self.TOP, self.BLOCK_W, self.BLOCK_H
+        for i, b in enumerate(bits):
+            x = self.x0 + i * bw
+            f[top : top + bh, x : x + bw] = 235 if b else 16
+            f[top + bh : top + 2 * bh, x : x + bw] = 16 if b else 235
+        # Colourless, so that the blocks' luma is all there is to them.
+        u, v = f[self.h : self.h * 5 // 4].reshape(self.h // 2, self.w // 2), f[self.h * 5 // 4 :].reshape(
+            self.h // 2, self.w // 2)
+        for plane in (u, v):
+            plane[top // 2 : (top + 2 * bh) // 2, self.x0 // 2 : (self.x0 + self.BITS * bw) // 2] = 128
+        return f
+
+    def read(self, luma: np.ndarray) -> int | None:
+        """The frame number from a processed frame's luma (H, W), or None where the check row disagrees."""
+        top, bw, bh = self.TOP, self.BLOCK_W, self.BLOCK_H
+        value = 0
+        for i in range(self.BITS):
+            x = self.x0 + i * bw + bw // 3
+            a = luma[top + bh // 3 : top + 2 * bh // 3, x : x + bw // 3].mean() > 128
+            b = luma[top + bh + bh // 3 : top + bh + 2 * bh // 3, x : x + bw // 3].mean() > 128
+            if a == b:
+                return None
+            value = value << 1 | int(a)
+        return value
+
+
+class FootageTrack(MediaStreamTrack):
+    """A camera at `fps` playing `Footage`; `sent[n]` is when frame n left (monotonic), n modulo 2**BITS."""
+
+    kind = "video"
+
+    def __init__(self, footage: Footage, fps: float = 30.0):
+        super().__init__()
+        self.footage, self.fps = footage, fps
+        self.n = -1
+        self.t0: float | None = None
+        self.sent: dict[int, float] = {}
+
+    async def recv(self):
+        self.n += 1
+        if self.t0 is None:
+            self.t0 = time.monotonic()
+        await asyncio.sleep(max(0.0, self.t0 + self.n / self.fps - time.monotonic()))
+        n = self.n % (1 << self.footage.BITS)
+        frame = video_frame(self.footage.stamp(n))
+        frame.pts, frame.time_base = round(self.n * CLOCK / self.fps), fractions.Fraction(1, CLOCK)
+        self.sent[n] = time.monotonic()
+        return frame
+
+
+class RtcClient:
+    """An aiortc camera: `got` holds (arrival, frame number or None) of every processed frame that came back. It
+    plays the synthetic green screen, or `footage` when given."""
+
+    def __init__(self, index: int, width: int, height: int, fps: float, codec: str = "vp8",
+                 footage: Footage | None = None):
         self.index = index
-        self.track = SyntheticTrack(width, height, fps)
+        self.track = SyntheticTrack(width, height, fps) if footage is None else FootageTrack(footage, fps)
+        self.read_stamp = read_stamp if footage is None else footage.read
         self.codec = codec
         self.height = height
         self.pc = RTCPeerConnection()
@@ -200,7 +377,7 @@ class RtcClient:
             # The luma plane in place: copying whole frames here would tax the cores the server runs on.
             plane = frame.planes[0]
             luma = np.frombuffer(plane, np.uint8).reshape(-1, plane.line_size)[: frame.height, : frame.width]
-            self.got.append((now, read_stamp(luma)))
+            self.got.append((now, self.read_stamp(luma)))
 
     def latencies(self, start: float, end: float) -> list[float]:
         """Seconds from send to return of the frames that came back in [start, end)."""
