@@ -25,6 +25,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -38,6 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 MEDIA = ROOT.parent / "shared" / "media" / "chaplin.mp4"
 KINDS = ("blur", "color", "image", "transparent")  # background kinds rendered, one stage each
 NET = (256, 256)
+CLOCKS = ("wall", "cpu", "faults")
 
 
 class StandIn(torch.nn.Module):
@@ -63,10 +65,11 @@ class StandIn(torch.nn.Module):
         return torch.nn.functional.interpolate(x, size=NET, mode="bilinear").mul_(4).sigmoid_()
 
 
-def make_backend():
+def make_backend(kind: str):
+    """`kind` "auto": the selfie network where this checkout has it, else the stand-in; "standin": the stand-in."""
     import importlib.util
 
-    if importlib.util.find_spec("rmbg_stream.models.selfie") is not None:
+    if kind == "auto" and importlib.util.find_spec("rmbg_stream.models.selfie") is not None:
         from rmbg_stream.engine.setup import load_backend
 
         return load_backend("selfie", "cpu")
@@ -98,19 +101,29 @@ def i420(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return y[0, 0], uv[0, 0], uv[0, 1]
 
 
+def _faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 class Clock:
-    """Wall-clock milliseconds per named stage, one list per stage."""
+    """Per named stage: wall-clock ms, the process's CPU ms (all threads; on a shared machine it counts less of
+    the time spent waiting for a core) and minor page faults (fresh memory the kernel maps in: a few us each)."""
 
     def __init__(self):
-        self.ms: dict[str, list[float]] = {}
+        self.ms: dict[str, list[tuple[float, float, int]]] = {}
         self.on = False
 
     def __call__(self, name: str, fn, *args):
-        t0 = time.perf_counter()
+        f0, c0, t0 = _faults(), time.process_time(), time.perf_counter()
         out = fn(*args)
         if self.on:
-            self.ms.setdefault(name, []).append((time.perf_counter() - t0) * 1e3)
+            wall, cpu = (time.perf_counter() - t0) * 1e3, (time.process_time() - c0) * 1e3
+            self.ms.setdefault(name, []).append((wall, cpu, _faults() - f0))
         return out
+
+    def medians(self) -> dict[str, dict[str, float]]:
+        return {k: {clock: round(statistics.median(r[i] for r in v), 3) for i, clock in enumerate(CLOCKS)}
+                for k, v in self.ms.items()}
 
 
 def options(kind: str):
@@ -180,11 +193,22 @@ def bench_size(h: int, w: int, threads: int, iters: int, warmup: int, backend) -
             rgb_frame(clock, ctx, hosts[i % len(hosts)])
             if yuv:
                 yuv_frame(clock, ctx, yuv[i % len(yuv)])
-    return {k: round(statistics.median(v), 3) for k, v in clock.ms.items()}
+    return clock.medians()
 
 
-def run(args) -> dict:
-    backend = make_backend()
+def steady_malloc() -> None:
+    """Frees a 24 MB block, as a process that has handled a large frame has: glibc then serves blocks below that
+    from its heap (mmap threshold 24 MB, trim threshold 48 MB) and the stages are timed without page faults."""
+    block = torch.empty(24 << 20, dtype=torch.uint8)
+    block.fill_(0)
+    del block
+
+
+def measure(args) -> dict:
+    """In this process: every size and thread count of `args`."""
+    if args.malloc == "steady":
+        steady_malloc()
+    backend = make_backend(args.backend)
     out = {}
     for size in args.sizes.split(","):
         w, h = (int(v) for v in size.lower().split("x"))
@@ -193,30 +217,50 @@ def run(args) -> dict:
     return {"backend": getattr(backend, "name", type(backend).__name__), "results": out}
 
 
-def one_round(root: Path, args) -> dict:
+def child(root: Path, args, size: str, backend: str) -> dict:
+    """`measure` for one size in a fresh process importing `root`'s rmbg_stream."""
     env = {**os.environ, "PYTHONPATH": str(root)}
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--sizes", args.sizes, "--threads", args.threads,
-           "--iters", str(args.iters), "--warmup", str(args.warmup), "--no-machine"]
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", "--sizes", size, "--threads", args.threads,
+           "--iters", str(args.iters), "--warmup", str(args.warmup), "--backend", backend, "--malloc", args.malloc]
     done = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, check=True)
-    return json.loads(done.stdout)["results"]
+    return json.loads(done.stdout)
+
+
+def run(args) -> dict:
+    """Each size in its own process: glibc's mmap threshold follows the largest blocks a process has freed, so an
+    earlier, larger size would spare a later one its page faults (a live server sees one size)."""
+    results, backend = {}, None
+    for size in args.sizes.split(","):
+        got = child(ROOT, args, size, args.backend)
+        results.update(got["results"])
+        backend = got["backend"]
+    return {"backend": backend, "results": results}
 
 
 def compare(args) -> dict:
-    """Alternate old / new rounds; per stage the median over rounds of each, and new / old."""
+    """Alternate old / new processes, size by size; per stage and clock the median over rounds of each, and
+    new / old. Both run the stand-in network unless --backend says otherwise (the old checkout may lack selfie)."""
     roots = {"old": Path(args.compare).resolve(), "new": ROOT}
+    backend = "standin" if args.backend == "auto" else args.backend
     rounds: dict[str, list[dict]] = {"old": [], "new": []}
     for _ in range(args.rounds):
         for name, root in roots.items():
-            rounds[name].append(one_round(root, args))
+            merged = {}
+            for size in args.sizes.split(","):
+                merged.update(child(root, args, size, backend)["results"])
+            rounds[name].append(merged)
     table = {}
-    for key in rounds["new"][0]:
-        rows = {}
-        for stage in rounds["new"][0][key]:
-            old = statistics.median(r[key][stage] for r in rounds["old"] if stage in r[key])
-            new = statistics.median(r[key][stage] for r in rounds["new"])
-            rows[stage] = {"old": round(old, 3), "new": round(new, 3), "ratio": round(new / old, 3)}
-        table[key] = rows
-    return {"compare": {"old": str(roots["old"]), "new": str(ROOT), "rounds": args.rounds}, "results": table}
+    for key, stages in rounds["new"][0].items():
+        table[key] = {}
+        for stage in stages:
+            row = {}
+            for clock in CLOCKS:
+                old = statistics.median(r[key][stage][clock] for r in rounds["old"] if stage in r[key])
+                new = statistics.median(r[key][stage][clock] for r in rounds["new"])
+                row[clock] = {"old": round(old, 3), "new": round(new, 3), "ratio": round(new / max(old, 1e-6), 3)}
+            table[key][stage] = row
+    return {"compare": {"old": str(roots["old"]), "new": str(ROOT), "rounds": args.rounds, "backend": backend},
+            "results": table}
 
 
 def main() -> None:
@@ -227,12 +271,18 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--compare", help="another checkout's root: time both, alternating")
     p.add_argument("--rounds", type=int, default=3, help="with --compare: rounds per checkout")
-    p.add_argument("--no-machine", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--backend", choices=("auto", "standin"), default="auto",
+                   help="auto: the selfie network when present (--compare: the stand-in for both)")
+    p.add_argument("--malloc", choices=("steady", "fresh"), default="steady",
+                   help="steady: glibc's mmap threshold raised first (no page faults); fresh: as a new process")
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.child:
+        print(json.dumps(measure(args)))
+        return
     report = compare(args) if args.compare else run(args)
-    if not args.no_machine:
-        report["machine"] = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                             "torch": torch.__version__, "note": "shared 2-core VM: compare ratios, not ms"}
+    report["machine"] = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                         "torch": torch.__version__, "note": "shared 2-core VM: compare ratios, not ms"}
     print(json.dumps(report, indent=1))
 
 

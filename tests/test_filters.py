@@ -1,11 +1,23 @@
 """The CPU filters against PyTorch's pooling / interpolation kernels (what CUDA runs)."""
 
+import math
+
+import cv2
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from rmbg_stream.engine.filters import box_blur, downscale, half, max_filter, upsample2x
+from rmbg_stream.engine.filters import (
+    area,
+    box_blur,
+    downscale,
+    gaussian_blur,
+    half,
+    max_filter,
+    resize_bilinear,
+    upsample2x,
+)
 
 # (B, C, H, W): odd sizes, batches, several channels, and images smaller than the window.
 SHAPES = [(1, 1, 17, 23), (3, 2, 31, 20), (2, 4, 8, 9), (1, 3, 1, 13), (1, 1, 11, 1), (2, 1, 3, 4)]
@@ -176,3 +188,76 @@ def test_downscale_is_the_mean_of_each_block(s, shape):
         for j in range(out.shape[-1]):
             block = x[..., i * s:(i + 1) * s, j * s:(j + 1) * s]
             torch.testing.assert_close(out[..., i, j], block.mean((-1, -2)))
+
+
+# Resampling and Gaussian blur: OpenCV on float32 CPU planes, torch's kernels for other dtypes and on CUDA.
+RESIZES = [((17, 23), (40, 61)), ((61, 97), (479, 641)), ((256, 256), (479, 641)), ((1, 1), (3, 5)),
+           ((5, 1), (5, 7)), ((31, 20), (31, 20)), ((31, 20), (17, 40)), ((480, 640), (256, 256))]
+
+
+@pytest.mark.parametrize(("src", "dst"), RESIZES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_resize_bilinear_matches_interpolate(src, dst, dtype):
+    x = rand((2, 3, *src), seed=21, dtype=dtype)
+    got = resize_bilinear(x, dst)
+    ref = F.interpolate(x, size=dst, mode="bilinear", align_corners=False)
+    assert got.shape == ref.shape and got.dtype == dtype and got.is_contiguous()
+    # torch computes source coordinates in float32: against OpenCV's, the weights differ by ~1e-5 at most.
+    torch.testing.assert_close(got, ref, rtol=0, atol=3e-5 if dtype == torch.float32 else 1e-12)
+
+
+@pytest.mark.parametrize(("src", "dst"), [((480, 640), (120, 160)), ((479, 641), (256, 256)), ((720, 1280), (103, 183)),
+                                          ((61, 97), (61, 97)), ((9, 12), (3, 4)), ((7, 5), (1, 1))])
+def test_area_matches_interpolate(src, dst):
+    x = rand((2, 4, *src), seed=22)
+    got = area(x, dst)
+    ref = F.interpolate(x, size=dst, mode="area")
+    assert got.shape == ref.shape
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-6)
+
+
+def ref_gaussian(x, sigma):
+    k = max(1, math.ceil(3 * sigma))
+    t = torch.arange(-k, k + 1, dtype=torch.float64)
+    g = torch.exp(-0.5 * (t / sigma) ** 2)
+    g = g / g.sum()
+    c = x.shape[1]
+    x = F.conv2d(F.pad(x, (k, k, 0, 0), mode="replicate"), g.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
+    return F.conv2d(F.pad(x, (0, 0, k, k), mode="replicate"), g.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
+
+
+@pytest.mark.parametrize("shape", [(1, 4, 120, 160), (2, 3, 17, 23), (1, 2, 3, 40)])
+@pytest.mark.parametrize("sigma", [0.4, 2.4, 3.9])
+def test_gaussian_blur_is_the_replicate_padded_convolution(shape, sigma):
+    x = rand(shape, seed=23)
+    want = ref_gaussian(x.double(), sigma)
+    torch.testing.assert_close(gaussian_blur(x, sigma).double(), want, rtol=0, atol=1e-6)
+    torch.testing.assert_close(gaussian_blur(x.double(), sigma), want, rtol=0, atol=1e-12)
+
+
+def test_max_filter_in_float64_takes_the_torch_path_and_agrees():
+    x = rand((2, 3, 19, 26), seed=24, dtype=torch.float64)
+    torch.testing.assert_close(max_filter(x, 3), ref_max(x, 3), rtol=0, atol=0)
+
+
+def test_opencv_follows_torchs_thread_count():
+    before_torch, before_cv = torch.get_num_threads(), cv2.getNumThreads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            box_blur(rand((1, 1, 8, 9)), 1)
+            assert cv2.getNumThreads() == n
+    finally:
+        torch.set_num_threads(before_torch)
+        cv2.setNumThreads(before_cv)
+
+
+def test_the_opencv_paths_leave_their_input_alone_and_take_strided_views():
+    x = rand((2, 6, 17, 23), seed=25)
+    before = x.clone()
+    view = x[:, 1:4]
+    for got, ref in ((box_blur(view, 2), ref_box(view, 2)), (max_filter(view, 2), ref_max(view, 2)),
+                     (resize_bilinear(view, (40, 50)),
+                      F.interpolate(view, size=(40, 50), mode="bilinear", align_corners=False))):
+        torch.testing.assert_close(got, ref, rtol=0, atol=3e-5)
+    assert torch.equal(x, before)

@@ -18,7 +18,6 @@ import torch
 from .background import Background, parse_background  # noqa: F401 (re-exported: many front ends import them here)
 from .filters import area, box_blur, gaussian_blur, half, on_opencv, resize_bilinear, upsample2x
 from .preprocess import resize
-from .smoothing import grey
 
 
 def _wide_blur(x: torch.Tensor, r: int) -> torch.Tensor:
@@ -31,6 +30,15 @@ def _wide_blur(x: torch.Tensor, r: int) -> torch.Tensor:
     return resize_bilinear(box_blur(small, round(r / f)), (h, w))
 
 
+def _luma(x: torch.Tensor) -> torch.Tensor:
+    """(B,3,H,W) RGB -> (B,1,H,W) BT.601 luma, as ``smoothing.grey`` (within float rounding), in one buffer: grey's
+    five full-size temporaries cost page faults on the CPU. One channel passes through."""
+    if x.shape[1] == 1:
+        return x
+    out = torch.mul(x[:, 0:1], 0.299)
+    return out.add_(x[:, 1:2], alpha=0.587).add_(x[:, 2:3], alpha=0.114)
+
+
 def guided_upsample(alpha_lr: torch.Tensor, guide_hr: torch.Tensor, radius: int = 2, eps: float = 1e-3) -> torch.Tensor:
     """Fast guided filter (He & Sun 2015): alpha (B,1,h,w) -> (B,1,H,W) following the edges of guide (B,3|1,H,W).
 
@@ -40,7 +48,7 @@ def guided_upsample(alpha_lr: torch.Tensor, guide_hr: torch.Tensor, radius: int 
     """
     dtype = alpha_lr.dtype
     p = alpha_lr.float()
-    i_hr = grey(guide_hr.float())
+    i_hr = _luma(guide_hr.float())
     size_lr, size_hr = tuple(p.shape[-2:]), tuple(i_hr.shape[-2:])
     exact2x = (size_lr[0] * 2, size_lr[1] * 2) == size_hr
     if size_lr == size_hr:
@@ -128,15 +136,19 @@ def composite_blur(
     h, w = frame.shape[-2:]
     # Blur on a copy downscaled so that sigma is 2-4 pixels there: the kernel stays short at any strength.
     f = max(1, int(sigma // 2))
-    c = frame.shape[1]
-    x = torch.cat([frame * (1 - alpha), 1 - alpha], 1)
+    b, c = frame.shape[:2]
+    # frame*(1-alpha) and 1-alpha written into one buffer: no full-size temporaries (each is fresh memory, often
+    # page faults, on the CPU).
+    x = frame.new_empty((b, c + 1, h, w))
+    torch.neg(alpha, out=x[:, c:]).add_(1)
+    torch.mul(frame, x[:, c:], out=x[:, :c])
     if f > 1:
         x = area(x, (math.ceil(h / f), math.ceil(w / f)))
     x = gaussian_blur(x, sigma / f)
     # A weighted mean of background pixels, so it stays in 0..1; where no background is near (deep inside the
     # person, alpha ~ 1) the value is hidden by the foreground anyway. Divided before upsampling: one plane less.
     bg = resize_bilinear((x[:, :c] / x[:, c:].clamp_min(1e-4)).clamp_(0, 1), (h, w))
-    return torch.lerp(bg, fg, alpha)
+    return bg.lerp_(fg, alpha)  # bg is ours: the result goes into it
 
 
 def to_rgba(frame: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:

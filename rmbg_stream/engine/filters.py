@@ -6,8 +6,10 @@ PyTorch's stride-1 pooling kernels are slow on the CPU (a 5-tap separable box ov
 ~5 ms, against ~0.8 ms per single channel). On the CPU, float32 planes go through OpenCV: one call per (h, w)
 plane, written straight into the output tensor's memory (`_per_plane`). Measured on the 2-core EPYC, one thread,
 per plane: box r=2 at 256x256 ~0.1 ms (torch slices: 0.2), 4x upsampling to 640x480 ~0.17 ms (torch: 0.8), 2x2
-means of 640x480 ~0.06 ms (slices: 0.23). OpenCV releases the GIL and at these sizes runs on the calling thread
-(CPU time never exceeded wall time with 2 OpenCV threads), so it keeps to the engine's one-thread budget. Other
+means of 640x480 ~0.06 ms (slices: 0.23). OpenCV releases the GIL. Its own thread pool is made to follow torch's
+intra-op thread count (`torch.set_num_threads`, which the front ends tune: one thread for the server on two
+cores) before each use here: OpenCV's setting is process-wide, so its other users in the process (the server's
+colour conversions) follow it too. Other
 dtypes on the CPU keep the pure-torch code below it (shifted slices or a running sum; 2x2 means and 2x bilinear
 written out); CUDA's kernels are fast and one launch per pass, so the GPU keeps them. Every OpenCV path computes
 the same formula as the torch one, in float32 (box sums in float64): tests/test_filters.py holds them to each
@@ -36,10 +38,18 @@ def on_opencv(x: torch.Tensor) -> bool:
 PlaneFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 
+def match_threads() -> None:
+    """OpenCV's thread count := torch's (see the module docstring): a stage on one torch thread stays on one core."""
+    n = torch.get_num_threads()
+    if cv2.getNumThreads() != n:
+        cv2.setNumThreads(n)
+
+
 def _per_plane(x: torch.Tensor, size: tuple[int, int], fn: PlaneFn) -> torch.Tensor:
     """`fn(src, dst)` on every (h, w) plane of float32 CPU `x` (..., h, w) -> a new (..., *size) tensor. `src` is a
     C-contiguous float32 2-D array, `dst` the output plane, which `fn` passes to OpenCV as ``dst=``; whatever it
     returns instead is copied there."""
+    match_threads()
     h, w = x.shape[-2:]
     src = x.detach().contiguous().view(-1, h, w).numpy()
     out = torch.empty((*x.shape[:-2], *size), dtype=x.dtype)
