@@ -47,6 +47,12 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="how the network runs: eager PyTorch, compile (torch.compile, compiled once per size and "
                         "batch, cached on disk), onnx (onnxruntime; a checkpoint is exported once into the cache) or "
                         "auto (the fastest measured for the device; see README, Runtimes) (default: %(default)s)")
+    p.add_argument("--input-range", default=None, choices=["0..1", "0..255", "-1..1", "imagenet"],
+                   help="a .onnx graph without rmbg-stream's metadata: the range its RGB input takes (imagenet: "
+                        "ImageNet mean/std); give --model-output too (default: from the graph's metadata)")
+    p.add_argument("--model-output", default=None, choices=["logits", "probability"],
+                   help="a .onnx graph without rmbg-stream's metadata: whether its last output is logits (a "
+                        "sigmoid is applied) or already an alpha in 0..1 (default: from the graph's metadata)")
 
 
 def add_cluster_args(p: argparse.ArgumentParser) -> None:
@@ -87,12 +93,6 @@ def cmd_transcode(args) -> int:
     return run_cli(args)
 
 
-def cmd_serve(args) -> int:
-    from .server.app import run_cli
-
-    check_background(args.background)
-    return run_cli(args)
-
 # Live commands (serve, camera) without --model: by the device type they will run on. RMBG-2.0 (Swin-L at 1024) gives
 # well under 1 fps on a CPU; the selfie segmenter runs at 30 fps and more there, and ships inside the package.
 LIVE_DEFAULT = {"cuda": DEFAULT_MODEL}
@@ -121,21 +121,27 @@ def choose_live_model(args) -> str:
     return model
 
 
+def cmd_serve(args) -> int:
+    from .server.app import run_cli
+
+    check_background(args.background)
+    if not args.model:
+        args.model = [choose_live_model(args)]
+    return run_cli(args)
+
 
 def cmd_camera(args) -> int:
     from .camera import run_cli
 
-    if not args.model:
-        args.model = [choose_live_model(args)]
     check_background(args.background)
+    if not args.model:
+        args.model = choose_live_model(args)
     return run_cli(args)
 
 
 def command(sub, name: str, text: str, **options) -> argparse.ArgumentParser:
     """A subcommand whose one-line summary is also the top of its own --help."""
     return sub.add_parser(name, help=text, description=text, **options)
-    if not args.model:
-        args.model = choose_live_model(args)
 
 
 def cmd_export(args) -> int:
@@ -210,16 +216,16 @@ def make_parser() -> argparse.ArgumentParser:
                    help="serve HTTPS with this PEM certificate (chain) (default: none)")
     p.add_argument("--tls-key", metavar="FILE", default=None, help="the PEM private key of --tls-cert (default: none)")
     add_model_args(p)
+    p.add_argument("--model", nargs="+", action="extend", default=None, metavar="M",
+                   help="the model(s) to serve, as for the other commands; several (--model selfie chroma, or "
+                        "--model repeated) load one engine each, and every session can switch between them from "
+                        "the page or with the 'model' control; sessions start with the first " + LIVE_MODEL_HELP)
     p.set_defaults(func=cmd_serve)
 
     # -- camera (rmbg_stream/camera.py)
     p = command(sub, "camera", "local camera to a virtual camera, a file or a window", conflict_handler="resolve")
     p.add_argument("--input", default=None, help="camera device, video file or URL (default: the first camera)")
     p.add_argument("--output", default="vcam", help="vcam, window, or an output file (default: %(default)s)")
-    p.add_argument("--model", nargs="+", action="extend", default=None, metavar="M",
-                   help="the model(s) to serve, as for the other commands; several (--model selfie chroma, or "
-                        "--model repeated) load one engine each, and every session can switch between them from "
-                        "the page or with the 'model' control; sessions start with the first " + LIVE_MODEL_HELP)
     p.add_argument("--background", default="blur",
                    help="COLOR, IMAGE, blur[:S], or transparent for a .mov/.webm/PNG output "
                         "(default: %(default)s)")
@@ -227,14 +233,14 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--fps", type=float, default=None, help="capture/output frame rate (default: the input's)")
     p.add_argument("--size", default=None, metavar="WxH", help="capture size (default: the camera's)")
     add_model_args(p)
+    p.add_argument("--model", default=None, metavar="M",
+                   help="the model, as for the other commands (hub id, alias, file, chroma, selfie) " + LIVE_MODEL_HELP)
     p.set_defaults(func=cmd_camera)
 
     # -- export (rmbg_stream/export.py)
     p = command(sub, "export", "write a model as an ONNX graph for --model FILE.onnx (onnxruntime)")
     p.add_argument("model", help="hub id, alias, checkpoint file or snapshot folder (as --model takes it)")
     p.add_argument("-o", "--output", required=True, help="the .onnx file to write")
-    p.add_argument("--model", default=None, metavar="M",
-                   help="the model, as for the other commands (hub id, alias, file, chroma, selfie) " + LIVE_MODEL_HELP)
     p.add_argument("--resolution", default=None, metavar="N|WxH",
                    help="input size of the graph, multiples of 32 (default: the model's own)")
     p.add_argument("--batch", default="1", metavar="N|dynamic",

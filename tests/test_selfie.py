@@ -192,10 +192,12 @@ def test_a_graph_without_metadata_runs_right_with_explicit_options(selfie_onnx, 
     bare = without_metadata(selfie_onnx, tmp_path / "bare.onnx")
     x = batch_of("selfie", 2)
     ref = litert_masks("selfie", x)
-    got = load_backend(str(bare), "cpu", runtime="auto", input_range="0..1", model_output="probability")(x)[:, 0].numpy()
+    got = load_backend(str(bare), "cpu", runtime="auto", input_range="0..1", model_output="probability")(x)
+    got = got[:, 0].numpy()
     assert np.abs(got - ref).max() <= TOLERANCE
     # The old behaviour (ImageNet input and a second sigmoid) gave alpha in [0.5, 0.731]: clearly wrong.
-    wrong = load_backend(str(bare), "cpu", runtime="auto", input_range="imagenet", model_output="logits")(x)[:, 0].numpy()
+    wrong = load_backend(str(bare), "cpu", runtime="auto", input_range="imagenet", model_output="logits")(x)
+    wrong = wrong[:, 0].numpy()
     assert wrong.min() >= 0.5 - 1e-6 and np.abs(wrong - ref).max() > 0.2
 
 
