@@ -275,7 +275,8 @@ def run(make_backend, source: str | None, output: str, background: str, smoothin
             print(file=sys.stderr)
 
 
-def run_cli(args) -> int:
+def run_cli(args, default_model=None) -> int:
+    """`rmbg-stream camera`; ``default_model(args)`` names the model when --model was not given."""
     size = None
     if args.size:
         try:
@@ -289,8 +290,14 @@ def run_cli(args) -> int:
         raise ValueError(f"--smoothing must be within 0..1, got {args.smoothing}")
     if args.fps is not None and not args.fps > 0:
         raise ValueError(f"--fps must be above 0, got {args.fps}")
+
+    def make_backend():
+        if not args.model:
+            args.model = default_model(args)
+        return build_backend(args)
+
     try:
-        run(lambda: build_backend(args), args.input, args.output, args.background, args.smoothing, args.fps, size)
+        run(make_backend, args.input, args.output, args.background, args.smoothing, args.fps, size)
     except CameraError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

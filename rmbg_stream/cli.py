@@ -134,9 +134,8 @@ def cmd_camera(args) -> int:
     from .camera import run_cli
 
     check_background(args.background)
-    if not args.model:
-        args.model = choose_live_model(args)
-    return run_cli(args)
+    # Chosen when the model loads, after the camera or file has opened: a missing input is the one line printed.
+    return run_cli(args, default_model=choose_live_model)
 
 
 def command(sub, name: str, text: str, **options) -> argparse.ArgumentParser:
