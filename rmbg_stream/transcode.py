@@ -21,6 +21,7 @@ import av
 from .engine.composite import Background, parse_background
 from .engine.engine import Engine, StreamOptions
 from .engine.setup import build_backend
+from .engine.smoothing import DEFAULT_STRENGTH
 from .media.background import LoopingVideo
 from .media.reader import VIDEO_SUFFIXES, MediaError, VideoReader
 from .media.writer import VideoWriter, alpha_capable, check_folder, plan
@@ -87,9 +88,9 @@ def default_background(output: str | Path) -> Background:
 
 
 def transcode(engine: Engine, src: str | Path, dest: str | Path, *, background: Background | None = None,
-              mask: bool = False, smoothing: float = 0.5, decontaminate: bool = False, codec: str | None = None,
-              crf: int | None = None, on_frame=None, allow_truncated: bool = False, open_reader=None,
-              keep_from: int | None = None, number_from: int = 1) -> Summary:
+              mask: bool = False, smoothing: float = DEFAULT_STRENGTH, decontaminate: bool = False,
+              codec: str | None = None, crf: int | None = None, on_frame=None, allow_truncated: bool = False,
+              open_reader=None, keep_from: int | None = None, number_from: int = 1) -> Summary:
     """One file. Raises MediaError for an unusable input (a truncated one too, unless `allow_truncated`: then
     what could be read is kept, with a warning), ValueError for an impossible output, anything else for failures
     along the way; in every case nothing is left at `dest`. `on_frame(done, total)` is called after each frame is

@@ -77,7 +77,7 @@ def warm_up(backend: Backend, sizes: list[int]) -> None:
 
 class Engine:
     def __init__(self, backend: Backend, *, max_batch: int = 4, max_wait_ms: float = 4.0, guided_radius: int = 2,
-                 guided_eps: float = 1e-4, device_api=None, warm: bool | None = None):
+                 guided_eps: float = composite.GUIDED_EPS, device_api=None, warm: bool | None = None):
         """`device_api`: the asynchronous device interface (`device_api.SimulatedDevice` in tests); default:
         torch.cuda on a CUDA backend, none (synchronous) on the CPU. `warm`: run `warm_up` for every batch size
         before the constructor returns (default: on CUDA, where the first batch of a size can stall a live stream

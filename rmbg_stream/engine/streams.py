@@ -20,7 +20,7 @@ import torch
 
 from .background import Background, parse_background
 from .render import BackgroundCache
-from .smoothing import TemporalSmoother
+from .smoothing import DEFAULT_STRENGTH, TemporalSmoother
 from .yuv import YUVSpec, i420_planes, spec_of
 
 if TYPE_CHECKING:
@@ -32,7 +32,7 @@ class StreamOptions:
     """Frozen: `Stream.set_options` swaps in a new one, so a reference taken under the lock is a snapshot."""
 
     background: Background = field(default_factory=lambda: parse_background("transparent"))
-    smoothing: float = 0.5
+    smoothing: float = DEFAULT_STRENGTH
     image: bool = True  # return the composited frame
     alpha: bool = False  # return the alpha (H x W uint8)
     mask_view: bool = False  # the returned image shows the mask instead

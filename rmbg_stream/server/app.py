@@ -37,6 +37,7 @@ from ..device import pick_device
 from ..engine.composite import Background, parse_background
 from ..engine.engine import Engine
 from ..engine.setup import build_backend
+from ..engine.smoothing import DEFAULT_STRENGTH
 from ..tuning import tune_server
 from . import aiortc_patches, metrics, tls, webrtc, websocket
 from .sessions import EVENTS, ControlError, Full, SessionManager
@@ -60,7 +61,7 @@ class Config:
     token: str | None = None
     max_sessions: int = 8
     background: Background = field(default_factory=lambda: parse_background("blur"))
-    smoothing: float = 0.5
+    smoothing: float = DEFAULT_STRENGTH
     upload_limit: int = 8 * 2**20
     web_dir: Path = WEB_DIR
 

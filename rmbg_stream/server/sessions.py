@@ -33,6 +33,7 @@ from PIL import Image
 
 from ..engine.composite import Background, parse_background
 from ..engine.engine import Engine, Result, StreamOptions, as_rgb
+from ..engine.smoothing import DEFAULT_STRENGTH
 from ..engine.yuv import i420_planes, join_i420, spec_of
 from ..media.images import ImageError, ImageTooLarge, load_rgb, open_image, to_rgb
 from . import memory
@@ -466,7 +467,7 @@ class SessionManager:
     first."""
 
     def __init__(self, engines: dict[str, Engine], *, max_sessions: int, background: Background, upload_dir: Path,
-                 smoothing: float = 0.5, upload_limit: int = 8 * 2**20):
+                 smoothing: float = DEFAULT_STRENGTH, upload_limit: int = 8 * 2**20):
         if not engines:
             raise ValueError("a server needs at least one model")
         self.engines = dict(engines)
