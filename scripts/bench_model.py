@@ -4,6 +4,7 @@
     python scripts/bench_model.py --backbone swin_v1_l --size 1024 --batch 1 --precision fp16 --device cuda
     python scripts/bench_model.py --backbone swin_v1_t --resolution 1024x576 1024x1024 --device cpu --iters 3
     python scripts/bench_model.py --backbone swin_v1_t --size 512 --device cpu --compare --iters 3
+    python scripts/bench_model.py --model selfie --batch 4 --compare eager compile onnx litert
 
 Several `--resolution` sizes (W x H) are timed in one run, one iteration of each in turn, so a machine
 whose speed drifts (other processes, clocks) weighs on every size alike; `ratio_to_last` compares each
@@ -17,6 +18,12 @@ runtime runs in its own worker process, so `peak_rss_mb` is that process's RSS h
 `peak_memory_mb` is `torch.cuda.max_memory_allocated`. The ONNX graph is exported in a process of its own
 first: `export_s` and `export_peak_rss_mb` are that process's. `setup_s` is the time from building the
 backend to the end of the first batch of every size (compile: the compilation itself).
+
+`--model selfie|selfie-landscape` times MediaPipe's selfie segmenter (trained weights, from the shipped .tflite) at
+its own size instead of BiRefNet; its runtimes include `litert`: the original .tflite under ai-edge-litert's
+interpreter (the test extra), given the same frames as NHWC arrays, with as many threads as torch. Its input has
+batch 1, so a batch of N is N calls, as an application using it would make; the NCHW -> NHWC copy is timed with
+it. `ratio_to_litert` then compares every runtime's latency with litert's.
 """
 
 from __future__ import annotations
@@ -38,7 +45,7 @@ from rmbg_stream.device import pick_device, pick_dtype
 from rmbg_stream.engine.setup import parse_resolution
 from rmbg_stream.models import BACKBONES, BiRefNet
 
-RUNTIMES = ("eager", "compile", "onnx", "eager_cl")
+RUNTIMES = ("eager", "compile", "onnx", "eager_cl", "litert")
 SEED = 0
 
 
@@ -53,9 +60,35 @@ def peak(device: torch.device) -> dict[str, float]:
     return {"peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
 
 
-def network(backbone: str) -> BiRefNet:
+def network(cfg: dict) -> torch.nn.Module:
+    if cfg.get("model"):
+        from rmbg_stream.models.selfie import load_selfie
+
+        return load_selfie(cfg["model"])[0]
     torch.manual_seed(SEED)  # the same random weights in every process
-    return BiRefNet(backbone).eval()
+    return BiRefNet(cfg["backbone"]).eval()
+
+
+class Litert:
+    """The .tflite file under ai-edge-litert's interpreter, called like a backend: (B,3,h,w) 0..1 -> (B,1,h,w)."""
+
+    def __init__(self, model: str):
+        from ai_edge_litert.interpreter import Interpreter
+
+        from rmbg_stream.models.selfie import SELFIE_MODELS
+
+        self.it = Interpreter(model_path=str(SELFIE_MODELS[model].path), num_threads=torch.get_num_threads())
+        self.it.allocate_tensors()
+        self.inp, self.out = self.it.get_input_details()[0]["index"], self.it.get_output_details()[0]["index"]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        frames = x.permute(0, 2, 3, 1).contiguous().numpy()
+        masks = []
+        for frame in frames:
+            self.it.set_tensor(self.inp, frame[None])
+            self.it.invoke()
+            masks.append(torch.from_numpy(self.it.get_tensor(self.out)[..., 0].copy()))
+        return torch.stack(masks)
 
 
 def make_backend(runtime: str, cfg: dict, onnx_path: str | None):
@@ -66,9 +99,16 @@ def make_backend(runtime: str, cfg: dict, onnx_path: str | None):
     device = torch.device(cfg["device"])
     if runtime == "onnx":
         return OnnxBackend(onnx_path, device)
+    if runtime == "litert":
+        return Litert(cfg["model"])
     dtype = pick_dtype(cfg["precision"], device)
-    backend = NetworkBackend(network(cfg["backbone"]), cfg["sizes"][0], device, dtype,
-                              runtime="eager" if runtime == "eager_cl" else runtime)
+    extra = {}
+    if cfg.get("model"):
+        from rmbg_stream.models.selfie import load_selfie
+
+        extra = {"name": cfg["model"], "io": load_selfie(cfg["model"])[1].io, "multiple": 16}
+    backend = NetworkBackend(network(cfg), cfg["sizes"][0], device, dtype,
+                             runtime="eager" if runtime == "eager_cl" else runtime, **extra)
     if runtime == "eager_cl":
         backend.model.to(memory_format=torch.channels_last)
     return backend
@@ -112,7 +152,13 @@ def export_worker(conn, cfg: dict, path: str) -> None:
     from rmbg_stream.export import export_network
 
     h, w = cfg["sizes"][0]
-    result = export_network(network(cfg["backbone"]), Path(path), (h, w), None, {"source": "bench"})
+    meta = {"source": "bench"}
+    if cfg.get("model"):
+        from rmbg_stream.models.selfie import load_selfie
+
+        io = load_selfie(cfg["model"])[1].io
+        meta |= {"network": "selfie", "input_range": io.input_range, "output": io.output}
+    result = export_network(network(cfg), Path(path), (h, w), None, meta)
     conn.send({"export_s": round(result.seconds, 2), "deform_conv_nodes": result.deform_nodes,
                "export_peak_rss_mb": peak(torch.device("cpu"))["peak_rss_mb"]})
 
@@ -172,6 +218,8 @@ def summarise(cfg: dict, per_batch: list[float]) -> list[dict]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--backbone", default="swin_v1_l", choices=BACKBONES)
+    ap.add_argument("--model", default=None, choices=["selfie", "selfie-landscape"],
+                    help="time this trained network at its own size instead of BiRefNet (random weights)")
     ap.add_argument("--size", type=int, default=1024, help="square input side (when --resolution is not given)")
     ap.add_argument("--resolution", nargs="+", default=None, metavar="N|WxH",
                     help="one or more input sizes, multiples of 32, timed alternately in one run")
@@ -189,16 +237,26 @@ def main() -> None:
         sizes = [parse_resolution(r) for r in args.resolution or [args.size]]
     except ValueError as exc:
         ap.error(str(exc))
+    if args.model:
+        from rmbg_stream.models.selfie import load_selfie
+
+        if args.resolution:
+            ap.error(f"{args.model} runs at its own size: leave out --resolution")
+        sizes = [load_selfie(args.model)[1].resolution]
     device = pick_device(args.device)
     dtype = pick_dtype(args.precision, device)
     runtimes = [args.runtime] if args.compare is None else (args.compare or list(RUNTIMES))
+    if not args.model:
+        if "litert" in runtimes:
+            ap.error("litert runs the selfie network's .tflite: add --model selfie")
+        runtimes = [r for r in runtimes if r != "litert"] or runtimes
     if "onnx" in runtimes and dtype != torch.float32:
         ap.error("--runtime onnx runs the fp32 graph: add --precision fp32")
-    cfg = {"backbone": args.backbone, "sizes": sizes, "batch": args.batch, "device": str(device),
+    cfg = {"backbone": args.backbone, "model": args.model, "sizes": sizes, "batch": args.batch, "device": str(device),
            "precision": args.precision, "warmup": max(1, args.warmup), "iters": args.iters}
     results = compare(runtimes, cfg)
     result = {
-        "backbone": args.backbone,
+        "network": args.model or args.backbone,
         "batch": args.batch,
         "precision": str(dtype).removeprefix("torch."),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda"
@@ -216,6 +274,10 @@ def main() -> None:
             base = results["eager"]["sizes"]
             result["fps_ratio_to_eager"] = {r: [round(s["fps"] / b["fps"], 3) for s, b in zip(v["sizes"], base)]
                                             for r, v in results.items()}
+        if "litert" in results:
+            base = results["litert"]["sizes"]
+            result["ratio_to_litert"] = {r: [round(s["latency_ms_per_batch"] / b["latency_ms_per_batch"], 3)
+                                             for s, b in zip(v["sizes"], base)] for r, v in results.items()}
     print(json.dumps(result))
 
 
