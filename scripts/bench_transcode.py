@@ -3,6 +3,7 @@
 
     python scripts/bench_transcode.py                      # chroma keyer, CPU or CUDA
     python scripts/bench_transcode.py --model birefnet-lite --device cuda --frames 300
+    python scripts/bench_transcode.py --model selfie --input ../shared/media/chaplin.mp4   # a real clip instead
 
 For each size an H.264 clip with AAC audio is generated (PyAV), decoded once into memory for the engine-only run
 (same options and frame layout as the transcoder uses, results drained and dropped), then transcoded with
@@ -32,6 +33,7 @@ import torch
 from rmbg_stream.engine.composite import parse_background
 from rmbg_stream.engine.engine import Engine, StreamOptions
 from rmbg_stream.engine.setup import build_backend
+from rmbg_stream.engine.smoothing import DEFAULT_STRENGTH
 from rmbg_stream.media.reader import VideoReader
 from rmbg_stream.media.writer import plan
 from rmbg_stream.transcode import share_cpu, transcode
@@ -122,6 +124,10 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
     ap.add_argument("--resolution", type=int, default=None)
+    ap.add_argument("--runtime", default="auto", choices=["auto", "eager", "compile", "onnx"],
+                    help="as for transcode (default: %(default)s)")
+    ap.add_argument("--input", type=Path, default=None,
+                    help="time this video file (all its frames) instead of the generated clips")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--frames", type=int, default=None, help="frames per clip (default 90 on CPU, 300 on CUDA)")
     ap.add_argument("--sizes", default="720p,1080p", help="comma-separated: 720p, 1080p")
@@ -135,13 +141,18 @@ def main() -> None:
     device = backend.device
     n = args.frames or (300 if device.type == "cuda" else 90)
     background = parse_background(args.background)
-    options = StreamOptions(background=background, smoothing=0.5)
+    options = StreamOptions(background=background, smoothing=DEFAULT_STRENGTH)
     results = {}
     with tempfile.TemporaryDirectory() as tmp, Engine(backend, max_batch=args.batch) as engine:
-        for name in args.sizes.split(","):
-            w, h = SIZES[name]
-            clip = Path(tmp) / f"{name}.mp4"
-            make_clip(clip, w, h, n)
+        for name in [args.input.name] if args.input else args.sizes.split(","):
+            if args.input:
+                clip = args.input
+                with VideoReader(clip) as reader:
+                    w, h, n = reader.info.width, reader.info.height, sum(1 for _ in reader)
+            else:
+                w, h = SIZES[name]
+                clip = Path(tmp) / f"{name}.mp4"
+                make_clip(clip, w, h, n)
             # The frames as the transcoder gets them (4:2:0 planes when the output is 4:2:0 too).
             with VideoReader(clip, prefer_yuv=plan(Path(tmp) / f"out{args.output}", "rgb", 2, 2).pix_fmt
                              == "yuv420p") as reader:
@@ -159,7 +170,8 @@ def main() -> None:
                          for a, b in zip(e, t)],
             }
     print(json.dumps({
-        "model": args.model, "background": args.background, "output": args.output, "batch": args.batch,
+        "model": args.model, "runtime": args.runtime, "backend": type(backend).__name__,
+        "background": args.background, "output": args.output, "batch": args.batch,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda"
         else f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)",
         **results,

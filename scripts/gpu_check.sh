@@ -77,6 +77,8 @@ if cpu:
         180)
     run("bench_live", [py, "scripts/bench_live.py", "--sessions", "1", "--seconds", "2", "--warmup", "1",
                        "--model", "chroma", "--device", "cpu", "--size", "320x240"], 120)
+    run("bench_model_selfie", [py, "scripts/bench_model.py", "--model", "selfie", "--device", "cpu", "--precision",
+                               "fp32", "--warmup", "1", "--iters", "1", "--runtime", "eager"], 120)
 else:
     # Ordered by what a first GPU day most needs to know; each step's timeout is cut to what is left of BUDGET, and
     # a step that no longer fits is recorded as skipped. Compile (a cold inductor build of Swin-L) and the ONNX export
@@ -90,6 +92,11 @@ else:
     run("bench_engine", [py, "scripts/bench_engine.py", "--frames", "60", "--rounds", "2"], 60)
     run("bench_live", [py, "scripts/bench_live.py", "--sessions", "4", "--seconds", "15", "--model",
                        "random:swin_v1_t", "--device", "cuda", "--server-arg=--resolution", "--server-arg=512"], 60)
+    # The selfie network (trained, shipped) at batch 8, eager and compile in fp16: the live default without CUDA,
+    # and on CUDA the model of many sessions at once.
+    run("bench_model_selfie_fp16_b8", [py, "scripts/bench_model.py", "--model", "selfie", "--batch", "8", "--device",
+                                       "cuda", "--precision", "fp16", "--compare", "eager", "compile", "--iters",
+                                       "20"], 60)
     run("tests_sim", [py, "-m", "pytest", "-q", "tests/test_cuda_sim.py"], 45)
     # onnx runs the fp32 graph only (bench_model refuses other precisions for it).
     for rt, prec in (("compile", "fp16"), ("onnx", "fp32"), ("compile", "bf16"), ("compile", "fp32")):
