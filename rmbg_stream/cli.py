@@ -10,14 +10,19 @@ from . import __version__
 from .engine.setup import build_backend, check_background
 
 DEFAULT_MODEL = "briaai/RMBG-2.0"
+# engine.smoothing.DEFAULT_STRENGTH, written out so that --help does not import torch (a test holds them equal).
+SMOOTHING = 0.8
 DESCRIPTION = """\
-Remove or replace the background of pictures, video files and live video with RMBG-2.0 / BiRefNet.
-The first run downloads the model (about 900 MB) from the Hugging Face hub; RMBG-2.0 is gated: accept its licence
-at https://huggingface.co/briaai/RMBG-2.0 and set HF_TOKEN first, or pass --model FILE, or --model chroma for a
-green screen (no model at all).
+Remove or replace the background of pictures, video files and live video with RMBG-2.0 / BiRefNet, or with
+MediaPipe's selfie segmenter (--model selfie or selfie-landscape: people only, shipped with rmbg-stream, runs offline
+with no download, live on a CPU; serve and camera use it by default without CUDA).
+The file commands default to RMBG-2.0: the first run downloads it (about 900 MB) from the Hugging Face hub, and it is
+gated: accept its licence at https://huggingface.co/briaai/RMBG-2.0 and set HF_TOKEN first, or pass --model FILE,
+--model selfie, or --model chroma for a green screen (no model at all).
 
 examples:
-  rmbg-stream image photo.jpg -o cut.png                 a cut-out with transparency
+  rmbg-stream image photo.jpg -o cut.png                 a cut-out with transparency (RMBG-2.0)
+  rmbg-stream image photo.jpg --model selfie -o cut.png  the same with the shipped person segmenter, offline
   rmbg-stream transcode talk.mp4 -o talk.webm            a video without its background (audio kept)
   rmbg-stream serve                                      the browser page, at http://127.0.0.1:8080
   rmbg-stream camera --output window --background blur   the local camera, background blurred, in a window
@@ -29,7 +34,9 @@ examples:
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help="hub id or alias (rmbg-2.0, birefnet, birefnet-lite), a checkpoint file or snapshot "
-                        "folder, 'chroma[:COLOUR|auto]' for green/blue screens (auto: the key is learned from the "
+                        "folder, selfie or selfie-landscape (MediaPipe's person segmenter, 256x256 or 256x144: "
+                        "shipped, offline, no download), a .onnx graph (rmbg-stream export), "
+                        "'chroma[:COLOUR|auto]' for green/blue screens (auto: the key is learned from the "
                         "frame borders) (default: %(default)s)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
@@ -180,7 +187,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", default=None, choices=["mp4", "mkv", "mov", "webm", "png"],
                    help="output type when INPUT is a folder (default: mp4)")
     p.add_argument("--mask", action="store_true", help="write the grey mask as video")
-    p.add_argument("--smoothing", type=float, default=0.5, help="temporal smoothing 0..1 (default: %(default)s)")
+    p.add_argument("--smoothing", type=float, default=SMOOTHING, help="temporal smoothing 0..1 (default: %(default)s)")
     p.add_argument("--batch", type=int, default=4, help="frames per network batch (default: %(default)s)")
     p.add_argument("--codec", default=None, help="video codec (default: by container)")
     p.add_argument("--crf", type=int, default=None,
@@ -228,7 +235,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--background", default="blur",
                    help="COLOR, IMAGE, blur[:S], or transparent for a .mov/.webm/PNG output "
                         "(default: %(default)s)")
-    p.add_argument("--smoothing", type=float, default=0.5, help="temporal smoothing 0..1 (default: %(default)s)")
+    p.add_argument("--smoothing", type=float, default=SMOOTHING, help="temporal smoothing 0..1 (default: %(default)s)")
     p.add_argument("--fps", type=float, default=None, help="capture/output frame rate (default: the input's)")
     p.add_argument("--size", default=None, metavar="WxH", help="capture size (default: the camera's)")
     add_model_args(p)

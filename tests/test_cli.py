@@ -283,7 +283,7 @@ def test_every_option_of_every_command_has_help_that_names_its_default():
     serve = subcommands(parser)["serve"].format_help()
     assert "(default: 127.0.0.1)" in serve and "(default: 8080)" in serve and "(default: 8)" in serve
     camera = " ".join(subcommands(parser)["camera"].format_help().split())
-    assert "(default: blur)" in camera and "0..1 (default: 0.5)" in camera
+    assert "(default: blur)" in camera and "0..1 (default: 0.8)" in camera
 
 
 def test_version_is_printed(capsys):
@@ -457,3 +457,13 @@ def test_serve_without_a_model_and_without_cuda_runs_selfie_and_says_so_in_one_l
     assert len(notes) == 1 and notes[0].startswith("rmbg-stream: "), err
     assert "--model selfie" in notes[0] and "--model NAME" in notes[0] and "under 1 fps" in notes[0], notes
     assert "model: selfie" in out, out
+
+
+def test_the_command_line_smoothing_default_is_the_engines():
+    from rmbg_stream.cli import SMOOTHING, make_parser
+    from rmbg_stream.engine.smoothing import DEFAULT_STRENGTH
+
+    parser = make_parser()
+    assert SMOOTHING == DEFAULT_STRENGTH
+    assert parser.parse_args(["transcode", "in.mp4", "-o", "out.mp4"]).smoothing == DEFAULT_STRENGTH
+    assert parser.parse_args(["camera"]).smoothing == DEFAULT_STRENGTH

@@ -18,6 +18,7 @@ from rmbg_stream.engine.backends import ChromaBackend
 from rmbg_stream.engine.composite import parse_background
 from rmbg_stream.engine.device_api import SimulatedDevice
 from rmbg_stream.engine.engine import Engine, StreamOptions
+from rmbg_stream.engine.smoothing import DEFAULT_STRENGTH
 
 CPU = torch.device("cpu")
 GREEN = (0, 177, 64)
@@ -316,6 +317,6 @@ def test_a_new_image_background_is_decoded_by_set_options_and_a_bad_one_changes_
         assert s.image.path == str(tmp_path / "a.png") and s.image.rgb.shape == (9, 13, 3)
         with pytest.raises(ImageError, match="bad.png"):
             s.set_options(background=parse_background(str(tmp_path / "bad.png")), smoothing=0.1)
-        assert s.options.background.path == str(tmp_path / "a.png") and s.options.smoothing == 0.5
+        assert s.options.background.path == str(tmp_path / "a.png") and s.options.smoothing == DEFAULT_STRENGTH
         s.set_options(background=parse_background("blur"))
         assert s.image is None

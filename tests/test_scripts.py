@@ -35,14 +35,15 @@ def _gpu_check(*args: str) -> dict:
 def test_gpu_check_dry_run_on_the_cpu_runs_every_step_and_prints_one_json_object():
     report = _gpu_check("--cpu")
     assert report["mode"] == "cpu-dry-run" and report["skipped"] == []
-    assert {"tests_sim", "bench_model_eager_fp32", "bench_engine", "bench_live"} <= set(report["steps"])
+    steps = {"tests_sim", "bench_model_eager_fp32", "bench_engine", "bench_live", "bench_model_selfie"}
+    assert steps <= set(report["steps"])
     assert report["ok"], {k: v["tail"] for k, v in report["steps"].items() if v["rc"] != 0}
     assert report["steps"]["bench_model_eager_fp32"]["result"]["fps"] > 0
 
 
 def test_gpu_check_lists_the_steps_its_time_budget_leaves_out_instead_of_running_past_it():
     report = _gpu_check("--cpu", "--budget", "5")
-    assert report["steps"] == {} and len(report["skipped"]) == 4 and report["elapsed_s"] < 5
+    assert report["steps"] == {} and len(report["skipped"]) == 5 and report["elapsed_s"] < 5
 
 
 BENCH_REFERENCE = Path(__file__).resolve().parents[1] / "scripts" / "bench_reference.py"

@@ -21,6 +21,7 @@ from aiohttp import ClientSession, WSMsgType
 from PIL import Image
 
 from rmbg_stream.engine.backends import create_backend
+from rmbg_stream.engine.smoothing import DEFAULT_STRENGTH
 from rmbg_stream.server import websocket
 from rmbg_stream.server.app import MANAGER
 from rmbg_stream.server.sessions import Tag
@@ -209,8 +210,8 @@ def test_a_session_that_switches_keeps_its_background_and_controls():
                     await sock.send_str(json.dumps(msg))
                 replies = [await sock.receive_json(timeout=5) for _ in range(4)]
                 assert [r["type"] for r in replies] == ["ok", "ok", "ok", "error"], replies
-                assert replies[2]["state"] == {"background": "transparent", "smoothing": 0.5, "mask_view": False,
-                                               "paused": False, "model": "chroma:blue"}
+                assert replies[2]["state"] == {"background": "transparent", "smoothing": DEFAULT_STRENGTH,
+                                               "mask_view": False, "paused": False, "model": "chroma:blue"}
                 assert "unknown model" in replies[3]["error"]
                 jpeg = cv2.imencode(".jpg", cv2.cvtColor(green_and_blue(), cv2.COLOR_RGB2BGR))[1].tobytes()
                 await sock.send_bytes(websocket.pack(websocket.JPEG, 1, 0.0, jpeg))
