@@ -6,6 +6,12 @@ import pytest
 # Same reason as in rmbg_stream/__init__.py; test modules may import torch before the package.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+# Under pytest-xdist every worker shares the cores: torch's own threads per worker would multiply past them.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    import torch
+
+    torch.set_num_threads(max(1, (os.cpu_count() or 2) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+
 # A shell without job control starts background commands (`.ci/run &`) with SIGINT ignored, and every process
 # they start inherits that: the tests that press Ctrl-C on a subprocess would see it finish with 0. Run as from a
 # terminal instead, where Ctrl-C interrupts.

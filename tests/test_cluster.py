@@ -25,6 +25,8 @@ from .test_media import audio_seconds, make_clip, read_video
 
 ray = pytest.importorskip("ray", reason="ray is not installed (pip install 'rmbg-stream[cluster]')")
 
+# One worker runs every test that starts a local Ray (pytest -n: --dist loadgroup), never two at once.
+pytestmark = pytest.mark.xdist_group("ray")
 W, H = 162, 94  # even (x264 4:2:0 path), not multiples of 4, not square
 REPO = Path(__file__).resolve().parents[1]
 

@@ -245,6 +245,21 @@ def test_the_exported_graph_and_every_runtime_give_the_selfie_mask(how, exported
     assert np.abs(alpha_of(tmp_path / "mask.png").astype(int) - selfie_mask).max() <= 2
 
 
+def test_export_with_a_dynamic_batch_runs_any_batch_as_eager_does(tmp_path):
+    import torch
+
+    from rmbg_stream.engine.backends import create_backend
+
+    graph = tmp_path / "dyn.onnx"
+    assert rmbg("export", "selfie-landscape", "-o", graph, "--batch", "dynamic") == 0
+    cpu = torch.device("cpu")
+    onnx_net, eager = create_backend(str(graph), cpu, runtime="onnx"), create_backend("selfie-landscape", cpu,
+                                                                                       runtime="eager")
+    assert onnx_net.batch is None and onnx_net.resolution == eager.resolution == (144, 256)
+    x = torch.rand(3, 3, 144, 256, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(onnx_net(x), eager(x), atol=2e-3, rtol=0)
+
+
 def test_a_graph_without_metadata_needs_its_range_and_output_on_the_command_line(exported, selfie_mask, tmp_path,
                                                                                  capsys):
     bare = without_metadata(exported, tmp_path / "bare.onnx")
@@ -262,6 +277,7 @@ def test_a_graph_without_metadata_needs_its_range_and_output_on_the_command_line
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("ray")  # with tests/test_cluster.py: one local Ray at a time
 def test_cluster_transcode_with_selfie_on_onnx_gives_the_single_process_frames(clip, tmp_path):
     ray = pytest.importorskip("ray", reason="ray is not installed (pip install 'rmbg-stream[cluster]')")
     # Lossless (--crf 0), as x264's lossy output depends on its thread count, which a worker's share of the CPUs sets.

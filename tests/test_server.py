@@ -478,6 +478,7 @@ def test_upload_background():
 
 
 @pytest.mark.slow
+@pytest.mark.serial
 def test_websocket_stream_holds_20_fps_with_the_chosen_background():
     async def main():
         async with serve() as (url, app), ClientSession() as http:

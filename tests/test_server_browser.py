@@ -28,7 +28,7 @@ from rmbg_stream.server.synthetic import GreenScreen
 from .test_server import near, run, serve, settle
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-pytestmark = [pytest.mark.slow,
+pytestmark = [pytest.mark.slow, pytest.mark.serial,  # frame rates and deadlines: not beside other tests
               # CI installs chromium (.ci/run): there a missing browser is a failure, not a skip.
               pytest.mark.skipif(CHROMIUM is None and not os.environ.get("CI"),
                                  reason="needs chromium (apt-get install chromium)")]

@@ -45,17 +45,20 @@ def soak() -> dict:
 
 
 @pytest.mark.slow
+@pytest.mark.serial
 def test_one_minute_soak_leaks_no_session_task_or_file_descriptor(soak):
     assert soak["leaked"] == {"sessions": 0, "tasks": 0, "fds": 0}, soak
     assert soak["faults"]["killed"] == 3 and soak["faults"]["connected"] == 7
 
 
 @pytest.mark.slow
+@pytest.mark.serial
 def test_one_minute_soak_memory_stays_within_five_percent_after_warm_up(soak):
     assert soak["rss_growth_after_warmup_pct"] <= 5, soak
 
 
 @pytest.mark.slow
+@pytest.mark.serial
 def test_one_minute_soak_p95_latency_of_the_last_window_is_within_20_percent_of_the_first(soak):
     first, last = soak["latency_per_window"][0], soak["latency_per_window"][-1]
     assert first["frames"] > 100 and last["frames"] > 100, soak["latency_per_window"]
@@ -63,6 +66,7 @@ def test_one_minute_soak_p95_latency_of_the_last_window_is_within_20_percent_of_
 
 
 @pytest.mark.slow
+@pytest.mark.serial
 def test_one_minute_soak_answers_every_malformed_message_and_keeps_the_session(soak):
     assert soak["malformed_must_answer"] > 10
     assert soak["errors_answered"] == soak["malformed_must_answer"], soak
