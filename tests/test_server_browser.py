@@ -40,11 +40,11 @@ ARTIFACTS = Path(__file__).parent / "artifacts"
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def write_clip(path: Path, width=640, height=480, frames=60) -> None:
+def write_clip(path: Path, width=640, height=480, frames=60, fps=30) -> None:
     """A y4m green-screen clip for Chromium's fake camera (it loops it)."""
     source = GreenScreen(width, height)
     with open(path, "wb") as f:
-        f.write(f"YUV4MPEG2 W{width} H{height} F30:1 Ip A1:1 C420jpeg\n".encode())
+        f.write(f"YUV4MPEG2 W{width} H{height} F{fps}:1 Ip A1:1 C420jpeg\n".encode())
         for n in range(frames):
             f.write(b"FRAME\n" + source.frame(n).tobytes())
 
@@ -506,5 +506,101 @@ def test_browser_obs_page_that_may_not_play_asks_for_a_click_and_plays_after_it(
             finally:
                 chrome.stop()
                 await cam.close()
+
+    run(main())
+
+
+def hold_frames(monkeypatch, fps: float, webrtc: bool = False, websocket: bool = False) -> None:
+    """The server's encoder for a transport takes 1/fps s a frame, as on a machine short of CPU."""
+    from rmbg_stream.server import webrtc as rtc
+    from rmbg_stream.server import websocket as ws
+
+    if webrtc:
+        recv = rtc.ResultTrack.recv
+
+        async def slow_recv(self):
+            await asyncio.sleep(1 / fps)
+            return await recv(self)
+
+        monkeypatch.setattr(rtc.ResultTrack, "recv", slow_recv)
+    if websocket:
+        encode = ws.encode
+
+        def slow_encode(*args, **kwargs):  # on an executor thread: the sender waits for it
+            time.sleep(1 / fps)
+            return encode(*args, **kwargs)
+
+        monkeypatch.setattr(ws, "encode", slow_encode)
+
+
+async def auto_transport_choice(tmp_path, app, url, http, fps=30) -> tuple[dict, Page]:
+    """The camera page on the `auto` transport, once it has chosen; its state and tab."""
+    clip = tmp_path / "clip.y4m"
+    write_clip(clip, frames=30, fps=fps)
+    chrome = Chromium(http, tmp_path, clip)
+    page = await chrome.start(f"{url}/?autostart=1&background={quote('#ff8000')}")
+    page.chrome = chrome
+    state = await wait_for(page, lambda s: (s.get("probe") or {}).get("choice"), 25)
+    return state, page
+
+
+def test_browser_auto_transport_moves_to_the_websocket_when_webrtc_delivers_far_fewer_frames(tmp_path, monkeypatch):
+    """Issue 19: `auto` kept WebRTC at 7-13 fps while the WebSocket gave 25-27. WebRTC held to 8 fps: the page
+    measures both and keeps the WebSocket, with the same background, and says both figures."""
+    hold_frames(monkeypatch, 8, webrtc=True)
+
+    async def main():
+        async with serve() as (url, app), ClientSession() as http:
+            state, page = await auto_transport_choice(tmp_path, app, url, http)
+            try:
+                probe = state["probe"]
+                assert probe["webrtc"] <= 9 and probe["websocket"] > 1.3 * probe["webrtc"], probe
+                assert probe["choice"] == state["transport"] == "websocket" and state["error"] is None, state
+                assert f"{probe['websocket']} fps" in state["status"] and f"{probe['webrtc']} fps" in state["status"]
+                assert [s.kind for s in app[MANAGER].sessions.values()] == ["websocket"]
+                matched = state["matched"]
+                state = await wait_for(page, lambda s: s["matched"] > matched + 10, 10)  # the orange came along
+                await page.check("auto-chose-websocket")
+            finally:
+                page.chrome.stop()
+
+    run(main())
+
+
+def test_browser_auto_transport_goes_back_to_webrtc_when_the_websocket_is_no_better(tmp_path, monkeypatch):
+    """Both held to 8 fps: WebRTC is well below the camera's 30, so the WebSocket is tried, is no better, and the
+    page goes back to WebRTC (a new session) with both figures in its status."""
+    hold_frames(monkeypatch, 8, webrtc=True, websocket=True)
+
+    async def main():
+        async with serve() as (url, app), ClientSession() as http:
+            state, page = await auto_transport_choice(tmp_path, app, url, http)
+            try:
+                probe = state["probe"]
+                assert probe["websocket"] is not None and probe["websocket"] <= 1.3 * probe["webrtc"], probe
+                assert probe["choice"] == state["transport"] == "webrtc" and state["error"] is None, state
+                assert f"{probe['websocket']} fps" in state["status"], state
+                assert [s.kind for s in app[MANAGER].sessions.values()] == ["webrtc"]
+                matched = state["matched"]
+                await wait_for(page, lambda s: s["matched"] > matched + 5, 10)  # the orange came along
+            finally:
+                page.chrome.stop()
+
+    run(main())
+
+
+def test_browser_auto_transport_stays_on_webrtc_when_it_is_fine(tmp_path):
+    """A 10 fps camera that WebRTC keeps up with, even on this loaded machine: the WebSocket could not be 1.3 times
+    better, so it is not tried and the session is never moved."""
+    async def main():
+        async with serve() as (url, app), ClientSession() as http:
+            state, page = await auto_transport_choice(tmp_path, app, url, http, fps=10)
+            try:
+                probe = state["probe"]
+                assert probe["camera"] == 10 and probe["webrtc"] * 1.3 >= 10 and probe["websocket"] is None, probe
+                assert probe["choice"] == state["transport"] == "webrtc" and state["status"] == "live (webrtc)", state
+                assert [s.kind for s in app[MANAGER].sessions.values()] == ["webrtc"]
+            finally:
+                page.chrome.stop()
 
     run(main())
