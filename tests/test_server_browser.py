@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import io
 import itertools
 import json
 import os
@@ -19,8 +20,10 @@ import time
 from pathlib import Path
 from urllib.parse import quote
 
+import numpy as np
 import pytest
 from aiohttp import ClientSession
+from PIL import Image
 
 from rmbg_stream.server.app import MANAGER
 from rmbg_stream.server.synthetic import GreenScreen
@@ -37,11 +40,11 @@ ARTIFACTS = Path(__file__).parent / "artifacts"
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def write_clip(path: Path, width=640, height=480, frames=60) -> None:
+def write_clip(path: Path, width=640, height=480, frames=60, fps=30) -> None:
     """A y4m green-screen clip for Chromium's fake camera (it loops it)."""
     source = GreenScreen(width, height)
     with open(path, "wb") as f:
-        f.write(f"YUV4MPEG2 W{width} H{height} F30:1 Ip A1:1 C420jpeg\n".encode())
+        f.write(f"YUV4MPEG2 W{width} H{height} F{fps}:1 Ip A1:1 C420jpeg\n".encode())
         for n in range(frames):
             f.write(b"FRAME\n" + source.frame(n).tobytes())
 
@@ -104,7 +107,9 @@ class Page:
 
 
 class Chromium:
-    """Headless, 1280x900; `clip` None: Chromium's own fake camera pattern (a dark green, out of gamut in 4:2:0)."""
+    """Headless, 1280x900; `clip` None: Chromium's own fake camera pattern (a dark green, out of gamut in 4:2:0).
+    Chromium's default autoplay policy, as an ordinary browser has it: no flag lets video play unasked (with
+    --autoplay-policy=no-user-gesture-required the OBS page passed here and stayed blank in a real browser)."""
 
     def __init__(self, http: ClientSession, tmp: Path, clip: Path | None, flags: tuple[str, ...] = ()):
         self.http, self.tmp, self.clip, self.flags = http, tmp, clip, flags
@@ -119,7 +124,7 @@ class Chromium:
              "--disable-background-networking", "--disable-component-update", "--disable-sync",
              f"--user-data-dir={profile}", "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream",
              *clip, "--remote-debugging-port=0", "--window-size=1280,900",
-             "--autoplay-policy=no-user-gesture-required", "--disable-background-timer-throttling",
+             "--disable-background-timer-throttling",
              "--disable-renderer-backgrounding", "--disable-backgrounding-occluded-windows",
              "--disable-dev-shm-usage", "--allow-loopback-in-peer-connection", *self.flags, url],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -413,5 +418,188 @@ def test_browser_page_shows_the_model_and_switches_between_the_servers_models(tm
                     assert await settle(lambda: not app[MANAGER].sessions, 15)
             finally:
                 chrome.stop()
+
+    run(main())
+
+
+async def transparent_screenshot(page: Page) -> np.ndarray:
+    """The page as OBS films it: RGBA, over nothing (a Browser Source has no background of its own)."""
+    await page.call("Emulation.setDefaultBackgroundColorOverride", color={"r": 0, "g": 0, "b": 0, "a": 0})
+    shot = await page.call("Page.captureScreenshot", format="png")
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(shot["data"]))).convert("RGBA"))
+
+
+def test_browser_obs_page_plays_under_the_default_autoplay_policy_with_real_alpha(tmp_path):
+    """An ordinary Chromium (no autoplay flag, no click): the OBS page still plays, its canvas holds the processed
+    frames with their alpha, and the page as OBS films it has no status text over the picture."""
+    from .test_server import RtcCamera
+
+    async def main():
+        async with serve() as (url, app), ClientSession() as http:
+            cam = RtcCamera()  # 320x240: key green below y 200, the stamp at the top left
+            await cam.connect(http, url)
+            assert await settle(lambda: cam.channel.readyState == "open", 15)
+            chrome = Chromium(http, tmp_path, None)
+            try:
+                obs = await chrome.start(f"{url}/obs")
+                await until(obs, "window.rmbgObs && (window.rmbgObs.points = [[8, 220], [20, 20]])", 15)
+                state = await wait_for(obs, lambda s: s.get("frames", 0) > 20 and len(s.get("samples", [])) == 2,
+                                       15, "rmbgObs")
+                background, stamp = state["samples"]
+                assert background[3] < 30 and stamp[3] > 225, state
+                assert state["status"] == "live" and not await obs.eval("document.getElementById('video').paused")
+                # The label goes after 3 s; then nothing but the picture is drawn.
+                await until(obs, "document.getElementById('status').hidden", 6)
+                shot = await transparent_screenshot(obs)
+                await obs.screenshot("obs-default-autoplay")
+            finally:
+                chrome.stop()
+                await cam.close()
+        # 320x240 shown at 1200x900 in the 1280x900 viewport: x0 = 40, 3.75 page pixels a frame pixel.
+        at = lambda x, y: shot[round(y * 3.75), 40 + round(x * 3.75)]  # noqa: E731
+        assert at(8, 220)[3] < 30 and at(20, 20)[3] > 225, (at(8, 220), at(20, 20))
+        assert shot[:, :40, 3].max() == 0 and shot[:, -40:, 3].max() == 0  # beside the picture: nothing at all
+        assert shot[820:, 40:400, 3].max() < 30  # where the status sits, over the key-green background
+
+    run(main())
+
+
+REFUSE_PLAY_UNTIL_CLICKED = """(() => {
+    const play = HTMLMediaElement.prototype.play;
+    HTMLMediaElement.prototype.play = function () {
+        if (navigator.userActivation.hasBeenActive) return play.call(this);
+        return Promise.reject(new DOMException('play() needs a user gesture here', 'NotAllowedError'));
+    };
+})()"""
+
+
+def test_browser_obs_page_that_may_not_play_asks_for_a_click_and_plays_after_it(tmp_path):
+    """A browser that refuses even muted playback until the page is clicked (Firefox's "Block Audio and Video",
+    Safari's "Never Auto-Play"): the page says to click, draws nothing, and plays once clicked. No Chromium policy
+    refuses muted playback, so its play() is made to refuse as those browsers do, before the page's scripts run."""
+    from .test_server import RtcCamera
+
+    async def main():
+        async with serve() as (url, app), ClientSession() as http:
+            cam = RtcCamera()
+            await cam.connect(http, url)
+            assert await settle(lambda: cam.channel.readyState == "open", 15)
+            chrome = Chromium(http, tmp_path, None)
+            try:
+                obs = await chrome.start("about:blank")
+                await obs.call("Page.enable")  # else the script below is not kept for the next document
+                await obs.call("Page.addScriptToEvaluateOnNewDocument", source=REFUSE_PLAY_UNTIL_CLICKED)
+                await obs.call("Page.navigate", url=f"{url}/obs")
+                await until(obs, "window.rmbgObs && (window.rmbgObs.points = [[8, 220], [20, 20]])", 15)
+                state = await wait_for(obs, lambda s: s.get("blocked"), 15, "rmbgObs")
+                assert "click" in state["status"] and state["frames"] == 0, state
+                assert await obs.eval("!document.getElementById('status').hidden")
+                await obs.screenshot("obs-needs-a-click")
+                for kind in ("mousePressed", "mouseReleased"):
+                    await obs.call("Input.dispatchMouseEvent", type=kind, x=640, y=450, button="left", clickCount=1)
+                state = await wait_for(obs, lambda s: s.get("frames", 0) > 10 and len(s.get("samples", [])) == 2,
+                                       15, "rmbgObs")
+                background, stamp = state["samples"]
+                assert background[3] < 30 and stamp[3] > 225 and state["status"] == "live", state
+                assert not state["blocked"]
+            finally:
+                chrome.stop()
+                await cam.close()
+
+    run(main())
+
+
+def hold_frames(monkeypatch, fps: float, webrtc: bool = False, websocket: bool = False) -> None:
+    """The server's encoder for a transport takes 1/fps s a frame, as on a machine short of CPU."""
+    from rmbg_stream.server import webrtc as rtc
+    from rmbg_stream.server import websocket as ws
+
+    if webrtc:
+        recv = rtc.ResultTrack.recv
+
+        async def slow_recv(self):
+            await asyncio.sleep(1 / fps)
+            return await recv(self)
+
+        monkeypatch.setattr(rtc.ResultTrack, "recv", slow_recv)
+    if websocket:
+        encode = ws.encode
+
+        def slow_encode(*args, **kwargs):  # on an executor thread: the sender waits for it
+            time.sleep(1 / fps)
+            return encode(*args, **kwargs)
+
+        monkeypatch.setattr(ws, "encode", slow_encode)
+
+
+async def auto_transport_choice(tmp_path, app, url, http, fps=30) -> tuple[dict, Page]:
+    """The camera page on the `auto` transport, once it has chosen; its state and tab."""
+    clip = tmp_path / "clip.y4m"
+    write_clip(clip, frames=30, fps=fps)
+    chrome = Chromium(http, tmp_path, clip)
+    page = await chrome.start(f"{url}/?autostart=1&background={quote('#ff8000')}")
+    page.chrome = chrome
+    state = await wait_for(page, lambda s: (s.get("probe") or {}).get("choice"), 25)
+    return state, page
+
+
+def test_browser_auto_transport_moves_to_the_websocket_when_webrtc_delivers_far_fewer_frames(tmp_path, monkeypatch):
+    """Issue 19: `auto` kept WebRTC at 7-13 fps while the WebSocket gave 25-27. WebRTC held to 8 fps: the page
+    measures both and keeps the WebSocket, with the same background, and says both figures."""
+    hold_frames(monkeypatch, 8, webrtc=True)
+
+    async def main():
+        async with serve() as (url, app), ClientSession() as http:
+            state, page = await auto_transport_choice(tmp_path, app, url, http)
+            try:
+                probe = state["probe"]
+                assert probe["webrtc"] <= 9 and probe["websocket"] > 1.3 * probe["webrtc"], probe
+                assert probe["choice"] == state["transport"] == "websocket" and state["error"] is None, state
+                assert f"{probe['websocket']} fps" in state["status"] and f"{probe['webrtc']} fps" in state["status"]
+                assert [s.kind for s in app[MANAGER].sessions.values()] == ["websocket"]
+                matched = state["matched"]
+                state = await wait_for(page, lambda s: s["matched"] > matched + 10, 10)  # the orange came along
+                await page.check("auto-chose-websocket")
+            finally:
+                page.chrome.stop()
+
+    run(main())
+
+
+def test_browser_auto_transport_goes_back_to_webrtc_when_the_websocket_is_no_better(tmp_path, monkeypatch):
+    """Both held to 8 fps: WebRTC is well below the camera's 30, so the WebSocket is tried, is no better, and the
+    page goes back to WebRTC (a new session) with both figures in its status."""
+    hold_frames(monkeypatch, 8, webrtc=True, websocket=True)
+
+    async def main():
+        async with serve() as (url, app), ClientSession() as http:
+            state, page = await auto_transport_choice(tmp_path, app, url, http)
+            try:
+                probe = state["probe"]
+                assert probe["websocket"] is not None and probe["websocket"] <= 1.3 * probe["webrtc"], probe
+                assert probe["choice"] == state["transport"] == "webrtc" and state["error"] is None, state
+                assert f"{probe['websocket']} fps" in state["status"], state
+                assert [s.kind for s in app[MANAGER].sessions.values()] == ["webrtc"]
+                matched = state["matched"]
+                await wait_for(page, lambda s: s["matched"] > matched + 5, 10)  # the orange came along
+            finally:
+                page.chrome.stop()
+
+    run(main())
+
+
+def test_browser_auto_transport_stays_on_webrtc_when_it_is_fine(tmp_path):
+    """A 10 fps camera that WebRTC keeps up with, even on this loaded machine: the WebSocket could not be 1.3 times
+    better, so it is not tried and the session is never moved."""
+    async def main():
+        async with serve() as (url, app), ClientSession() as http:
+            state, page = await auto_transport_choice(tmp_path, app, url, http, fps=10)
+            try:
+                probe = state["probe"]
+                assert probe["camera"] == 10 and probe["webrtc"] * 1.3 >= 10 and probe["websocket"] is None, probe
+                assert probe["choice"] == state["transport"] == "webrtc" and state["status"] == "live (webrtc)", state
+                assert [s.kind for s in app[MANAGER].sessions.values()] == ["webrtc"]
+            finally:
+                page.chrome.stop()
 
     run(main())

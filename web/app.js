@@ -1,6 +1,8 @@
-// rmbg-stream page: camera -> server (WebRTC, or the WebSocket where WebRTC fails) -> processed video.
+// rmbg-stream page: camera -> server (WebRTC, or the WebSocket where WebRTC fails or is far slower) -> processed
+// video.
 // URL parameters: token, background (initial, e.g. %23ff00ff), model (initial, one the server runs), transport,
-// codec, resolution, autostart=1.
+// codec, resolution, autostart=1. The `auto` transport starts on WebRTC and measures it against the WebSocket
+// (chooseTransport).
 'use strict';
 
 const params = new URLSearchParams(location.search);
@@ -14,7 +16,11 @@ const output = $('output');
 const state = window.rmbg = {
   status: 'idle', transport: null, codec: null, session: null, background: null, error: null, insecure: false,
   model: null, models: [], frames: 0, matched: 0, sample: null, stats: {},
+  settings: null, // the session's controls as the server last reported them: carried over to a new transport
+  probe: null, // `auto`: { webrtc, websocket (fps delivered, null: not tried), camera (fps), choice }
 };
+const PROBE_MS = 3000; // how long each transport is measured for
+const CLEARLY_BETTER = 1.3; // the WebSocket must deliver this many times WebRTC's frame rate to be kept
 
 let stream = null;       // the camera
 let conn = null;         // the open transport: { send(msg), close() }
@@ -167,12 +173,15 @@ async function startWebRTC() {
     }
   };
   remote.hidden = false;
-  remote.requestVideoFrameCallback(onRemoteFrame);
+  let open = true;
+  // One loop per connection: a callback still pending from an earlier one would count every frame twice.
+  const onFrame = () => { if (open) { onRemoteFrame(); remote.requestVideoFrameCallback(onFrame); } };
+  remote.requestVideoFrameCallback(onFrame);
   return {
     kind: 'webrtc', pc,
     send: (msg) => { if (channel.readyState === 'open') channel.send(JSON.stringify(msg)); },
     replaceTrack: (track) => transceiver.sender.replaceTrack(track),
-    close: () => pc.close(),
+    close: () => { open = false; pc.close(); },
   };
 }
 
@@ -184,7 +193,6 @@ function isStacked(w, h) {
 }
 
 function onRemoteFrame() {
-  if (!conn || conn.kind !== 'webrtc') return;
   const w = remote.videoWidth;
   const h = remote.videoHeight;
   if (w && h) {
@@ -202,7 +210,6 @@ function onRemoteFrame() {
       countFrame(remote, w, h);
     }
   }
-  remote.requestVideoFrameCallback(onRemoteFrame);
 }
 
 // -- WebSocket
@@ -330,6 +337,7 @@ function onServerMessage(msg) {
     showError(msg.error);
     showModel(state.model); // a refused switch: the menu goes back to what runs
   }
+  if (msg.state) state.settings = msg.state;
   if (msg.type === 'ok' && msg.state) { state.background = msg.state.background; showModel(msg.state.model); showError(null); }
   if (msg.type === 'stats') {
     Object.assign(state.stats, msg);
@@ -344,6 +352,20 @@ function send(msg) {
   if (conn) conn.send(msg);
 }
 
+function openTransport(kind) {
+  setStatus(`connecting (${kind === 'webrtc' ? 'WebRTC' : 'WebSocket'})…`);
+  return kind === 'webrtc' ? startWebRTC() : startSocket();
+}
+
+function showLive() {
+  state.transport = conn.kind;
+  $('s-transport').textContent = conn.kind;
+  const p = state.probe;
+  const other = conn.kind === 'webrtc' ? 'websocket' : 'webrtc';
+  const figures = p && p.websocket !== null ? `: ${p[conn.kind]} fps, ${other} ${p[other]} fps` : '';
+  setStatus(`live (${conn.kind}${figures})`, 'live');
+}
+
 async function start() {
   if (state.insecure) return;
   showError(null);
@@ -355,31 +377,91 @@ async function start() {
       throw new Error(CAMERA_ERRORS[err.name] || `The camera did not start: ${err.message}`);
     }
     const choice = $('transport').value;
+    state.probe = null;
     if (choice !== 'websocket') {
       try {
-        setStatus('connecting (WebRTC)…');
-        conn = await startWebRTC();
+        conn = await openTransport('webrtc');
       } catch (err) {
         if (err instanceof Unreachable || err instanceof Refused || choice === 'webrtc') throw err;
         console.warn('WebRTC failed, falling back to the WebSocket:', err);
       }
     }
-    if (!conn) {
-      setStatus('connecting (WebSocket)…');
-      conn = await startSocket();
-    }
-    state.transport = conn.kind;
-    $('s-transport').textContent = conn.kind;
-    setStatus(`live (${conn.kind})`, 'live');
+    if (!conn) conn = await openTransport('websocket');
+    showLive();
     $('stop').disabled = false;
     $('pause').disabled = false;
     const initial = params.get('background');
     if (initial) setBackground(initial);
     const model = params.get('model');
     if (model && model !== state.model) setModel(model);
+    if (choice === 'auto' && conn.kind === 'webrtc') await chooseTransport();
   } catch (err) {
     fail(err.message);
   }
+}
+
+const sleep = (ms) => new Promise((resolve) => { setTimeout(resolve, ms); });
+
+// Frames per second that `c` delivers to the page, from its first frame on (after half a second to settle); null
+// when it was stopped or replaced meanwhile.
+async function measure(c) {
+  const first = state.frames;
+  for (let waited = 0; state.frames === first && waited < 5000; waited += 100) await sleep(100);
+  await sleep(500);
+  const n = state.frames;
+  const t = performance.now();
+  await sleep(PROBE_MS);
+  if (conn !== c) return null;
+  return Math.round(10000 * (state.frames - n) / (performance.now() - t)) / 10;
+}
+
+// Closes the open transport and opens `kind` for the same camera, with the same controls; null when the page was
+// stopped meanwhile.
+async function switchTo(kind) {
+  const camera = stream;
+  const settings = state.settings;
+  const old = conn;
+  conn = null; // its close is not a lost connection
+  if (old) old.close(); // none: the previous switch failed
+  const next = await openTransport(kind);
+  if (stream !== camera || conn !== null) { next.close(); return null; }
+  conn = next;
+  if (settings) {
+    if (settings.background && settings.background !== 'upload') setBackground(settings.background);
+    setModel(settings.model);
+    send({ type: 'smoothing', value: settings.smoothing });
+    send({ type: 'mask_view', value: settings.mask_view });
+    if (settings.paused) send({ type: 'pause', value: true });
+  }
+  return conn;
+}
+
+// `auto` on WebRTC: on a loaded machine WebRTC's encoding and jitter buffer can deliver far fewer frames than the
+// WebSocket does. Measure WebRTC; where the WebSocket could be clearly better (WebRTC is below the camera's rate by
+// that much), measure it too, and keep it only if it is; the choice and both figures are in `state.probe`.
+async function chooseTransport() {
+  const camera = stream.getVideoTracks()[0].getSettings().frameRate || 30;
+  const webrtc = await measure(conn);
+  if (webrtc === null) return;
+  state.probe = { webrtc, websocket: null, camera: Math.round(camera), choice: null };
+  if (webrtc * CLEARLY_BETTER >= camera) { state.probe.choice = 'webrtc'; return; }
+  setStatus(`live (webrtc: ${webrtc} fps), trying the WebSocket…`, 'live');
+  let websocket = null;
+  try {
+    const c = await switchTo('websocket');
+    if (c === null) return;
+    websocket = await measure(c);
+    if (websocket === null) return;
+  } catch (err) {
+    console.warn('the WebSocket failed; back to WebRTC:', err);
+    if (!stream) return; // stopped meanwhile
+  }
+  state.probe.websocket = websocket;
+  if (websocket === null || websocket <= CLEARLY_BETTER * webrtc) {
+    if (await switchTo('webrtc') === null) return;
+  }
+  state.probe.choice = conn.kind;
+  showLive();
 }
 
 // Closes the transport and ends every camera track (the camera's light goes off); the panels go back to idle.

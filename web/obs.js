@@ -4,7 +4,8 @@
 // wrong token or a refused origin will not fix itself, so those stop with a message instead.
 // The model of the session it shows (serve --model A B ...; the camera page can switch) is in the page's title, and
 // in the corner for 3 s whenever it goes live or the model changes: `label=1` keeps it there, `label=0` never
-// shows it (the corner is part of what OBS films).
+// shows it (the corner is part of what OBS films). Other status text shows only while there is no picture: the
+// canvas holds nothing but frames, and is cleared when they stop.
 'use strict';
 
 const params = new URLSearchParams(location.search);
@@ -40,8 +41,14 @@ function showModel(name) {
   if (LABEL !== '1') labelTimer = setTimeout(() => { if (state.status === 'live') statusEl.hidden = true; }, 3000);
 }
 
-function scheduleRetry(message, seconds) {
+function noPicture() {
   if (pc) { pc.close(); pc = null; }
+  video.srcObject = null;
+  compositor.clear(); // a frozen last frame would look live in OBS
+}
+
+function scheduleRetry(message, seconds) {
+  noPicture();
   setStatus(`${message} Retrying in ${seconds} s…`);
   clearTimeout(retry);
   retry = setTimeout(connect, seconds * 1000);
@@ -53,7 +60,7 @@ function onError(err) {
     unreachable += 1;
     scheduleRetry(err.message, Math.min(30, 2 ** unreachable));
   } else if (err instanceof Refused && (err.status === 401 || err.status === 403)) {
-    if (pc) { pc.close(); pc = null; }
+    noPicture();
     state.stopped = true;
     setStatus(`${err.message} Stopped: fix the Browser Source's URL, then refresh it.`);
   } else {
@@ -69,14 +76,11 @@ async function connect() {
   // Stats once a second, with the model of the camera session shown.
   const channel = pc.createDataChannel('status');
   channel.onmessage = (e) => { const msg = JSON.parse(e.data); if (msg.type === 'stats') showModel(msg.model); };
-  pc.ontrack = (e) => { video.srcObject = new MediaStream([e.track]); };
+  pc.ontrack = (e) => { video.srcObject = new MediaStream([e.track]); state.blocked = false; play(); };
   pc.onconnectionstatechange = () => {
     if (me !== pc) return;
-    if (pc.connectionState === 'connected') {
-      setStatus('live', false);
-      const name = state.model;
-      state.model = null;
-      showModel(name); // the label again for this connection
+    if (pc.connectionState === 'connected' && video.paused && !state.blocked) {
+      setStatus('Connected, starting the video…');
     }
     if (['failed', 'closed', 'disconnected'].includes(pc.connectionState)) {
       scheduleRetry('The connection to the server was lost.', 1);
@@ -108,8 +112,28 @@ function gathered(conn) {
   });
 }
 
+// Chromium starts a muted `autoplay` video by itself only while it is visible, and this one is hidden behind the
+// canvas: without play() it stays paused and the canvas blank. Muted, the default autoplay policy allows play(); a
+// browser that still refuses gets a click (in OBS: Interact, then click).
+function play() {
+  video.muted = true;
+  video.play().then(() => { state.blocked = false; }, (err) => {
+    if (err.name !== 'NotAllowedError' || !video.srcObject) return; // AbortError: a newer stream took over
+    state.blocked = true;
+    setStatus('The browser did not let the video start by itself: click the page to start it.');
+  });
+}
+
+video.addEventListener('playing', () => {
+  setStatus('live', false);
+  const name = state.model;
+  state.model = null;
+  showModel(name); // the label again for this connection
+});
+document.addEventListener('click', () => { if (video.srcObject && video.paused) play(); });
+
 function onFrame() {
-  if (video.videoWidth && video.videoHeight) {
+  if (!video.paused && video.videoWidth && video.videoHeight) {
     compositor.draw(video, video.videoWidth, video.videoHeight);
     state.frames += 1;
     if (state.frames % 10 === 1) state.samples = state.points.map(([x, y]) => compositor.sample(x, y));

@@ -47,6 +47,10 @@ function glCompositor(canvas, gl) {
       gl.uniform1f(texel, 0.5 / h2);
       gl.drawArrays(gl.TRIANGLE_STRIP, 0, 4);
     },
+    clear() {
+      gl.clearColor(0, 0, 0, 0);
+      gl.clear(gl.COLOR_BUFFER_BIT);
+    },
     // Valid right after draw (the drawing buffer is not preserved); x, y from the top left, in canvas pixels.
     sample(x, y) {
       gl.readPixels(x, canvas.height - 1 - y, 1, 1, gl.RGBA, gl.UNSIGNED_BYTE, pixel);
@@ -76,6 +80,9 @@ function canvasCompositor(canvas) {
         d[i] = src[i]; d[i + 1] = src[i + 1]; d[i + 2] = src[i + 2]; d[i + 3] = src[offset + i];
       }
       ctx.putImageData(out, 0, 0);
+    },
+    clear() {
+      ctx.clearRect(0, 0, canvas.width, canvas.height);
     },
     sample(x, y) {
       const i = (y * out.width + x) * 4;
